@@ -1,0 +1,369 @@
+"""The HTTP door: routes, lifespan (load → start engine → warm up → serve → drain), error handlers."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import asdict
+
+import numpy as np
+import torch
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from models import LoadedModel, ModelOptions, available_models, create_model
+from service.decode import decode_image
+from service.embedding import EmbedOptions, ImageJob, ImageResult
+from service.engine import BatchingConfig, Engine
+from service.errors import InvalidOption, NotReady, PayloadTooLarge, ServiceError, Unauthorized
+from service.metrics import Metrics, samples_label
+from service.policies import make_policy
+from service.requests import ResolvedOptions, read_embeddings_request, resolve_options
+from service.schemas import (
+    EmbeddingsResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelsResponse,
+    openapi_request_body,
+)
+from service.settings import Settings
+
+log = logging.getLogger("metta.app")
+EMBEDDINGS = "/v1/embeddings"
+_REJECT_REASON = {400: "invalid", 408: "invalid", 415: "invalid", 422: "invalid", 413: "too_large",
+                  401: "unauthorized"}
+_ERROR_RESPONSES = {code: {"model": ErrorResponse} for code in (400, 401, 408, 413, 415, 422, 429, 500, 503, 504)}
+
+
+class ServiceState:
+    """What the lifespan builds and the routes use; one per app."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.model: LoadedModel | None = None
+        self.engine: Engine | None = None
+        self.ready = False
+        self.api_keys = [key.encode() for key in settings.load_api_keys()]
+        self.decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="metta-decode")
+
+
+def load_model(settings: Settings) -> LoadedModel:
+    options = ModelOptions(device=settings.resolved_device(), dtype=settings.dtype, mode=settings.mode,
+                           weights=settings.weights, random_weights=settings.random_weights,
+                           threads=settings.threads)
+    return create_model(settings.model, options)
+
+
+def create_app(settings: Settings | None = None, *, model: LoadedModel | None = None) -> FastAPI:
+    """The app; `model` lets tests inject an already-built model (else the settings' one is loaded)."""
+    settings = settings or Settings()
+    metrics = Metrics()
+    state = ServiceState(settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.model = model or await asyncio.to_thread(load_model, settings)
+        loaded = state.model
+        metrics.model_info.labels(loaded.name, loaded.fingerprint, str(loaded.dim), str(loaded.device),
+                                  loaded.dtype, loaded.mode).set(1)
+        if loaded.device.type == "cuda":
+            metrics.watch_cuda(str(loaded.device))
+        config = BatchingConfig(settings.max_batch_crops, settings.chunk_crops, settings.max_wait_ms,
+                                settings.max_queue_crops)
+        async with Engine(loaded, config, metrics) as engine:
+            state.engine = engine
+            await _warm_up(state)
+            state.ready = True
+            metrics.ready.set(1)
+            log.info("ready: model=%s fingerprint=%s device=%s mode=%s", loaded.name, loaded.fingerprint,
+                     loaded.device, loaded.mode)
+            try:
+                yield
+            finally:
+                state.ready = False
+                metrics.ready.set(0)
+                await engine.drain(settings.shutdown_grace_s)
+        state.decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="metta-serve", version="0.1.0", lifespan=lifespan,
+                  description="Mean image embeddings over S test-time augmentations (MeTTA).")
+    app.state.metta = state
+    _add_error_handlers(app, metrics)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> JSONResponse:
+        alive = state.engine is None or state.engine.alive
+        return JSONResponse({"status": "ok" if alive else "worker_dead"}, status_code=200 if alive else 503)
+
+    @app.get("/readyz", tags=["ops"], responses={503: {"model": ErrorResponse}})
+    async def readyz() -> JSONResponse:
+        if not (state.ready and state.engine is not None and state.engine.alive):
+            raise NotReady("the model is not loaded and warmed up (or the worker stopped)")
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics", tags=["ops"])
+    async def metrics_endpoint() -> Response:
+        return Response(metrics.generate(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    api = APIRouter(prefix="/v1", dependencies=[Depends(_authorize)])
+
+    @api.get("/models", response_model=ModelsResponse, responses=_ERROR_RESPONSES)
+    async def list_models() -> ModelsResponse:
+        loaded = _require_model(state)
+        card = ModelCard(name=loaded.name, dim=loaded.dim, default=True, fingerprint=loaded.fingerprint,
+                         device=str(loaded.device), dtype=loaded.dtype, mode=loaded.mode,
+                         preprocess=asdict(loaded.spec.preprocess))
+        return ModelsResponse(data=[card])
+
+    @api.post("/embeddings", response_model=EmbeddingsResponse, responses=_ERROR_RESPONSES,
+              openapi_extra={"requestBody": openapi_request_body()})
+    async def embeddings(request: Request) -> Response:
+        return await _embeddings(request, state)
+
+    app.include_router(api)
+    return app
+
+
+async def _authorize(request: Request) -> None:
+    state: ServiceState = request.app.state.metta
+    if not state.api_keys:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    given = token.strip().encode() if scheme.lower() == "bearer" else b""
+    # Compare against every key, always, so timing says nothing about which key was close.
+    matched = False
+    for key in state.api_keys:
+        matched |= hmac.compare_digest(given, key)
+    if not matched:
+        raise Unauthorized("a valid API key is required: send 'Authorization: Bearer <key>'",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+
+def _require_model(state: ServiceState) -> LoadedModel:
+    if state.model is None or not state.ready:
+        raise NotReady("the model is not loaded yet")
+    return state.model
+
+
+async def _embeddings(request: Request, state: ServiceState) -> Response:
+    started = time.perf_counter()
+    settings, metrics = state.settings, state.metrics
+    model = _require_model(state)
+    assert state.engine is not None
+    parsed = await read_embeddings_request(request, settings)
+    resolved = resolve_options(parsed.options, settings, model.name, len(parsed.images), [model.name])
+    samples = resolved.embed.samples
+    metrics.inflight_requests.inc()
+    try:
+        jobs = await asyncio.gather(*(
+            _decode_and_plan(state, data, i, resolved) for i, data in enumerate(parsed.images)))
+        results = await _wait_unless_disconnected(request, state.engine.submit(jobs, settings.request_timeout_s))
+    finally:
+        metrics.inflight_requests.dec()
+    metrics.images.inc(len(jobs))
+    body = _reply(model, resolved, results)
+    metrics.request_duration.labels(EMBEDDINGS, samples_label(samples)).observe(time.perf_counter() - started)
+    return Response(body, media_type="application/json")
+
+
+async def _decode_and_plan(state: ServiceState, data: bytes, index: int, resolved: ResolvedOptions) -> ImageJob:
+    settings, model = state.settings, state.model
+    assert model is not None
+
+    def work() -> tuple[ImageJob, float]:
+        started = time.perf_counter()
+        image = decode_image(data, max_pixels=settings.max_image_pixels, max_side=settings.max_image_side,
+                             label=f"images[{index}]")
+        elapsed = time.perf_counter() - started
+        return ImageJob(image, resolved.embed, model), elapsed
+
+    job, elapsed = await asyncio.get_running_loop().run_in_executor(state.decode_pool, work)
+    state.metrics.decode_duration.observe(elapsed)
+    return job
+
+
+class ClientGone(Exception):
+    """The client disconnected before its reply was ready."""
+
+
+async def _wait_unless_disconnected(request: Request, work: object) -> list[ImageResult]:
+    """Await the engine's result; if the client disconnects first, cancel it (its crops are dropped)."""
+    task = asyncio.ensure_future(work)  # type: ignore[arg-type]
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    try:
+        await task
+    except (asyncio.CancelledError, ServiceError):
+        pass
+    raise ClientGone()
+
+
+async def _disconnected(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _encode(vector: np.ndarray, encoding: str) -> list[float] | str:
+    if encoding == "base64":
+        return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
+    return vector.tolist()
+
+
+def _reply(model: LoadedModel, resolved: ResolvedOptions, results: list[ImageResult]) -> bytes:
+    options = resolved.embed
+    data = []
+    for index, result in enumerate(results):
+        entry: dict[str, object] = {"index": index, "embedding": _encode(result.embedding, resolved.encoding)}
+        if result.variance is not None:
+            entry["variance"] = _encode(result.variance, resolved.encoding)
+        data.append(entry)
+    reply = {
+        "model": model.name, "model_fingerprint": model.fingerprint, "dim": model.dim,
+        "policy": options.policy.name, "samples": options.samples, "seed": options.seed, "data": data,
+        "usage": {"images": len(results), "crops": len(results) * options.samples},
+    }
+    return json.dumps(reply, separators=(",", ":")).encode()
+
+
+async def _warm_up(state: ServiceState) -> None:
+    """One real batch through the engine before /readyz says yes (compiles, allocates, caches)."""
+    assert state.engine is not None and state.model is not None
+    size = state.model.spec.preprocess.resize_size
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (3, size, size + size // 3), dtype=torch.uint8, generator=generator)
+    samples = min(state.settings.max_batch_crops, state.settings.max_queue_crops)
+    options = EmbedOptions(samples, make_policy("crop_flip"), 0)
+    await state.engine.submit([ImageJob(image, options, state.model)], timeout_s=600)
+
+
+def _error_response(error: ServiceError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
+    async def service_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ServiceError)
+        reason = _REJECT_REASON.get(exc.status)
+        if reason is not None:
+            metrics.rejected.labels(reason).inc()
+        return _error_response(exc)
+
+    async def client_gone(request: Request, exc: Exception) -> Response:
+        return Response(status_code=499)  # nobody reads it; nginx's code for "client closed request"
+
+    async def validation_error(request: Request, exc: Exception) -> Response:
+        metrics.rejected.labels("invalid").inc()
+        message = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())  # type: ignore[attr-defined]
+        return _error_response(InvalidOption(message))
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
+        return JSONResponse({"error": {"type": kind, "message": str(exc.detail)}}, status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s", request.url.path)
+        return JSONResponse({"error": {"type": "internal", "message": "internal error"}}, status_code=500)
+
+    app.add_exception_handler(ServiceError, service_error)
+    app.add_exception_handler(ClientGone, client_gone)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected)
+
+
+class BodyLimitMiddleware:
+    """Refuse bodies over max_body_bytes with 413 — by Content-Length at once, else while streaming.
+
+    Streaming bodies are counted as they arrive and reading stops at the limit, so an oversized
+    body is never buffered whole.
+    """
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_body_bytes
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                await _error_response(_too_large(limit))(scope, receive, send)
+                return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise _too_large(limit)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"the request body is over the limit of {limit} bytes")
+
+
+class RequestMetricsMiddleware:
+    """Counts every reply by endpoint and status code, and tags each request with an id for the logs."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = uuid.uuid4().hex[:16]
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            path = scope.get("path", "")
+            endpoint = path if path in _KNOWN_ENDPOINTS else "other"
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            if status >= 500 or endpoint == EMBEDDINGS:
+                log.info("request_id=%s %s %s -> %d", request_id, scope.get("method"), endpoint, status)
+
+
+_KNOWN_ENDPOINTS = {EMBEDDINGS, "/v1/models", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"}

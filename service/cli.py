@@ -1,0 +1,122 @@
+"""Command lines: `metta-serve` (the HTTP service) and `metta embed` (the library on local files)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+import types
+import typing
+from pathlib import Path
+
+import numpy as np
+from pydantic import ValidationError
+
+from service.settings import Settings
+
+_NOT_FLAGS = {"api_keys"}  # secrets come from the environment or a file, never the command line
+
+
+def _settings_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """One flag per settings field: --max-batch-crops maps onto Settings.max_batch_crops, and so on."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     epilog="Every flag can also be set as METTA_<NAME> in the environment.")
+    for name, field in Settings.model_fields.items():
+        if name in _NOT_FLAGS:
+            continue
+        flag = "--" + name.replace("_", "-")
+        help_text = field.description or ""
+        if _is_bool(field.annotation):
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=help_text)
+    return parser
+
+
+def _is_bool(annotation: object) -> bool:
+    if annotation is bool:
+        return True
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return bool in typing.get_args(annotation)
+    return False
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = [f"  --{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}" for e in exc.errors()]
+        sys.exit("invalid settings:\n" + "\n".join(lines))
+
+
+def serve_main(argv: list[str] | None = None) -> None:
+    parser = _settings_parser("metta-serve", "Serve MeTTA mean embeddings over HTTP.")
+    settings = settings_from_args(parser.parse_args(argv))
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import uvicorn
+
+    from service.app import create_app
+
+    # One process owns the device and its metrics: more uvicorn workers would load the model again
+    # per worker and split the metrics, so scale with more containers instead.
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, workers=1,
+                log_level=settings.log_level, timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None,
+                access_log=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="metta", description="MeTTA mean embeddings without a server.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    embed_cmd = commands.add_parser("embed", help="embed local image files")
+    embed_cmd.add_argument("images", nargs="+", type=Path)
+    embed_cmd.add_argument("--samples", type=int, default=None, help="views per image (default: the setting)")
+    embed_cmd.add_argument("--policy", default=None, choices=("center", "crop_flip", "multiscale"))
+    embed_cmd.add_argument("--seed", type=int, default=0)
+    embed_cmd.add_argument("--variance", action="store_true", help="also write the per-dimension variance")
+    embed_cmd.add_argument("--normalize", action="store_true", help="L2-normalise each mean")
+    embed_cmd.add_argument("--out", type=Path, default=None, help="write the means as an (N, dim) .npy")
+    embed_cmd.add_argument("--model", default=None)
+    embed_cmd.add_argument("--mode", default=None, help="execution engine: auto|eager|torchscript|openvino")
+    embed_cmd.add_argument("--device", default=None)
+    args = parser.parse_args(argv)
+    if args.command == "embed":
+        _embed_command(args)
+
+
+def _embed_command(args: argparse.Namespace) -> None:
+    from service.app import load_model
+    from service.decode import decode_image
+    from service.embedding import embed
+    from service.errors import ServiceError
+    from service.policies import PolicyError
+
+    overrides = {k: getattr(args, k) for k in ("model", "mode", "device") if getattr(args, k) is not None}
+    settings = Settings(**overrides)
+    policy = args.policy or settings.default_policy
+    samples = args.samples if args.samples is not None else (1 if policy == "center" else settings.default_samples)
+    try:
+        images = [decode_image(path.read_bytes(), max_pixels=settings.max_image_pixels,
+                               max_side=settings.max_image_side, label=str(path)) for path in args.images]
+        model = load_model(settings)
+        started = time.perf_counter()
+        result = embed(model, images, samples=samples, policy=policy, seed=args.seed,
+                       return_variance=args.variance, normalize=args.normalize,
+                       max_batch_crops=settings.max_batch_crops)
+    except (ServiceError, PolicyError, OSError) as exc:
+        sys.exit(f"metta embed: {exc}")
+    elapsed = time.perf_counter() - started
+    print(f"model {model.name} ({model.fingerprint}, {model.mode} on {model.device}); policy {policy}, "
+          f"S={samples}, seed {args.seed}: {len(images)} images, {len(images) * samples} crops in {elapsed:.2f} s")
+    for path, vector in zip(args.images, result.embeddings, strict=True):
+        print(f"  {path}: dim {vector.shape[0]}, |mean| {np.linalg.norm(vector):.4f}")
+    if args.out is not None:
+        np.save(args.out, result.embeddings)
+        print(f"means → {args.out}")
+        if result.variances is not None:
+            variance_path = args.out.with_name(args.out.stem + ".variance.npy")
+            np.save(variance_path, result.variances)
+            print(f"variances → {variance_path}")

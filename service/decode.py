@@ -1,0 +1,81 @@
+"""Bytes → a checked uint8 (3, H, W) RGB tensor, before anything is queued.
+
+Only an allow-list of formats is opened; the size is checked from the header before any pixel
+is decoded (Pillow's own bomb guard stays on as a second line); EXIF orientation is applied; every
+mode becomes 8-bit RGB the way a person would expect (alpha over white, 16-bit scaled, not clipped).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from service.errors import InvalidImage, PayloadTooLarge
+
+# Pillow format ids: JPEG, PNG, WebP, GIF (first frame), BMP, TIFF (first page).
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+_WHITE = (255, 255, 255)
+
+
+def decode_image(data: bytes, *, max_pixels: int, max_side: int, label: str = "image") -> torch.Tensor:
+    """Decode one image; raises InvalidImage (400) or PayloadTooLarge (413) naming `label`."""
+    if not data:
+        raise InvalidImage(f"{label} is empty")
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns (and above 2x its limit raises) for huge images; our own check below is stricter.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+            width, height = image.size
+            _check_size(width, height, max_pixels=max_pixels, max_side=max_side, label=label)
+            image.load()
+            rgb = to_rgb(ImageOps.exif_transpose(image))
+    except (PayloadTooLarge, InvalidImage):
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise PayloadTooLarge(f"{label} has too many pixels") from exc
+    except UnidentifiedImageError as exc:
+        raise InvalidImage(
+            f"{label} is not a decodable image of an allowed format ({', '.join(ALLOWED_FORMATS)})"
+        ) from exc
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:  # truncated or corrupt data
+        raise InvalidImage(f"{label} could not be decoded (truncated or corrupt)") from exc
+    array = np.asarray(rgb, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def _check_size(width: int, height: int, *, max_pixels: int, max_side: int, label: str) -> None:
+    if width < 1 or height < 1:
+        raise InvalidImage(f"{label} has no pixels ({width}x{height})")
+    if max(width, height) > max_side:
+        raise PayloadTooLarge(f"{label} is {width}x{height}; the longest side allowed is {max_side} px")
+    if width * height > max_pixels:
+        raise PayloadTooLarge(f"{label} is {width}x{height}; at most {max_pixels} pixels are allowed")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode → 8-bit RGB: alpha composited on white, 16-bit and 32-bit integer scaled."""
+    mode = image.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit (PNG/TIFF) greyscale; convert("L") would clip everything above 255 to white.
+        values = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if mode != "I" or values.max(initial=0) > 255 else 255.0
+        grey = np.clip(np.rint(values * (255.0 / peak)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if mode == "F":
+        grey = np.clip(np.rint(np.asarray(image, dtype=np.float64)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if mode == "P":
+        image = image.convert("RGBA") if "transparency" in image.info else image.convert("RGB")
+        mode = image.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*_WHITE, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode == "RGB":
+        return image
+    return image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV

@@ -1,0 +1,187 @@
+"""The heart of MeTTA: images → S planned views → batched forward → mean (and variance) per image.
+
+`embed()` is the library call the CLI and the evaluation use. The service's batching engine uses
+the same pieces — `ImageJob` (one image's pending views and running statistics), `Chunk` (some of
+one image's views) and `run_chunks` (render → forward → reduce for one batch) — so the HTTP path
+and the library compute exactly the same thing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from models.registry import LoadedModel
+from service.policies import Policy, PolicyError, View, check_image, make_policy, render_view
+from service.reduce import RunningStats, l2_normalize
+
+MAX_SEED = 2**53 - 1
+
+
+@dataclass(frozen=True)
+class EmbedOptions:
+    """What one request asks of every one of its images."""
+
+    samples: int
+    policy: Policy
+    seed: int
+    return_variance: bool = False
+    normalize: bool = False
+    view_normalize: bool = False
+
+    def __post_init__(self) -> None:
+        if self.samples < 1:
+            raise PolicyError(f"samples must be at least 1, got {self.samples}")
+        if self.policy.name == "center" and self.samples != 1:
+            raise PolicyError("the center policy makes exactly one view: samples must be 1")
+        if self.return_variance and self.samples < 2:
+            raise PolicyError("variance needs at least 2 views: ask for samples >= 2 or no variance")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise PolicyError(f"seed must be in [0, 2^53-1], got {self.seed}")
+
+
+@dataclass
+class ImageResult:
+    embedding: np.ndarray  # (dim,) float32
+    variance: np.ndarray | None  # (dim,) float32, only when asked
+
+
+class ImageJob:
+    """One image's planned views, how many have been handed out, and the statistics of those done."""
+
+    def __init__(self, image: torch.Tensor, options: EmbedOptions, model: LoadedModel) -> None:
+        check_image(image)
+        self.image = image
+        self.options = options
+        self.views: list[View] = options.policy.plan(
+            int(image.shape[1]), int(image.shape[2]), options.samples, options.seed, model.spec.preprocess
+        )
+        self.handed_out = 0
+        self.stats = RunningStats(model.dim)
+
+    @property
+    def pending(self) -> int:
+        """Views not yet handed out to a batch."""
+        return len(self.views) - self.handed_out
+
+    @property
+    def done(self) -> bool:
+        return self.stats.count == len(self.views)
+
+    def take(self, n: int) -> Chunk:
+        """Hand out the next n (or fewer) views as a chunk."""
+        start = self.handed_out
+        self.handed_out = min(len(self.views), start + n)
+        return Chunk(self, self.views[start : self.handed_out])
+
+    def add(self, embeddings: np.ndarray) -> None:
+        if self.options.view_normalize:
+            embeddings = l2_normalize(embeddings)
+        self.stats.add(embeddings)
+
+    def result(self) -> ImageResult:
+        mean = self.stats.mean
+        if self.options.normalize:
+            mean = l2_normalize(mean)
+        variance = self.stats.variance().astype(np.float32) if self.options.return_variance else None
+        return ImageResult(mean.astype(np.float32), variance)
+
+
+@dataclass
+class Chunk:
+    """Some consecutive views of one image, run in one batch."""
+
+    job: ImageJob
+    views: list[View]
+
+
+@dataclass
+class StageTimes:
+    """Seconds spent per stage of one batch (for the metrics)."""
+
+    augment: float = 0.0
+    forward: float = 0.0
+    reduce: float = 0.0
+    forwards: list[int] = field(default_factory=list)  # crops per forward call
+
+
+def run_chunks(model: LoadedModel, chunks: Sequence[Chunk]) -> StageTimes:
+    """Render every chunk's views, run the forward (one call per view size), add the results.
+
+    Statistics are only touched after every forward succeeded, so a failing batch leaves each
+    job exactly as it was (its views can be counted as failed, never half-added).
+    """
+    times = StageTimes()
+    started = time.perf_counter()
+    preprocess = model.spec.preprocess
+    by_size: dict[int, list[tuple[int, int]]] = defaultdict(list)  # size → (chunk index, view index)
+    pixels: dict[int, list[torch.Tensor]] = defaultdict(list)
+    for c, chunk in enumerate(chunks):
+        for v, view in enumerate(chunk.views):
+            by_size[view.size].append((c, v))
+            pixels[view.size].append(render_view(chunk.job.image, view, preprocess))
+    times.augment = time.perf_counter() - started
+
+    started = time.perf_counter()
+    outputs = [np.empty((len(chunk.views), model.dim), dtype=np.float32) for chunk in chunks]
+    for size, places in by_size.items():
+        embedded = model.embed_views(torch.stack(pixels[size])).numpy()
+        times.forwards.append(len(places))
+        for row, (c, v) in enumerate(places):
+            outputs[c][v] = embedded[row]
+    times.forward = time.perf_counter() - started
+
+    started = time.perf_counter()
+    for chunk, output in zip(chunks, outputs, strict=True):
+        chunk.job.add(output)
+    times.reduce = time.perf_counter() - started
+    return times
+
+
+@dataclass
+class EmbedResult:
+    embeddings: np.ndarray  # (N, dim) float32
+    variances: np.ndarray | None  # (N, dim) float32 when asked
+
+
+def embed(
+    model: LoadedModel,
+    images: Sequence[torch.Tensor],
+    *,
+    samples: int,
+    policy: Policy | str = "crop_flip",
+    seed: int = 0,
+    return_variance: bool = False,
+    normalize: bool = False,
+    view_normalize: bool = False,
+    max_batch_crops: int = 32,
+) -> EmbedResult:
+    """Mean embeddings of decoded uint8 (3, H, W) images over `samples` views each."""
+    if isinstance(policy, str):
+        policy = make_policy(policy)
+    if max_batch_crops < 1:
+        raise PolicyError(f"max_batch_crops must be at least 1, got {max_batch_crops}")
+    if len(images) == 0:
+        raise PolicyError("no images given")
+    options = EmbedOptions(samples, policy, seed, return_variance, normalize, view_normalize)
+    jobs = [ImageJob(image, options, model) for image in images]
+    pending = list(jobs)
+    while pending:
+        batch: list[Chunk] = []
+        room = max_batch_crops
+        while pending and room > 0:
+            chunk = pending[0].take(room)
+            room -= len(chunk.views)
+            batch.append(chunk)
+            if pending[0].pending == 0:
+                pending.pop(0)
+        run_chunks(model, batch)
+    results = [job.result() for job in jobs]
+    embeddings = np.stack([r.embedding for r in results])
+    variances = np.stack([r.variance for r in results if r.variance is not None]) if return_variance else None
+    return EmbedResult(embeddings, variances)

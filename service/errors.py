@@ -1,0 +1,58 @@
+"""Domain errors and their HTTP mapping: one class per row of the API's error table."""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """An error with a fixed HTTP status and a stable `type` that clients can switch on."""
+
+    status = 500
+    type = "internal"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, dict[str, str]]:
+        return {"error": {"type": self.type, "message": self.message}}
+
+
+class InvalidImage(ServiceError):
+    status, type = 400, "invalid_image"
+
+
+class InvalidRequest(ServiceError):
+    status, type = 400, "invalid_request"
+
+
+class Unauthorized(ServiceError):
+    status, type = 401, "unauthorized"
+
+
+class PayloadTooLarge(ServiceError):
+    status, type = 413, "payload_too_large"
+
+
+class UnsupportedMediaType(ServiceError):
+    status, type = 415, "unsupported_media_type"
+
+
+class InvalidOption(ServiceError):
+    status, type = 422, "invalid_option"
+
+
+class Overloaded(ServiceError):
+    status, type = 429, "overloaded"
+
+
+class InternalError(ServiceError):
+    status, type = 500, "internal"
+
+
+class NotReady(ServiceError):
+    status, type = 503, "not_ready"
+
+
+class DeadlineExceeded(ServiceError):
+    status, type = 504, "deadline_exceeded"

@@ -1,0 +1,51 @@
+"""Per-image statistics over views: running mean and unbiased variance, merged exactly.
+
+Views of one image may arrive in several chunks (a request larger than a batch). Each chunk's
+(count, mean, M2) is merged into the running total with Chan et al.'s parallel update, in float64,
+so the result is the same however S was split.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class ReduceError(ValueError):
+    """A statistic was asked for that the views cannot give (e.g. variance of one view)."""
+
+
+class RunningStats:
+    """Mean and M2 (sum of squared deviations) of the view embeddings seen so far, per dimension."""
+
+    def __init__(self, dim: int) -> None:
+        self.count = 0
+        self.mean = np.zeros(dim, dtype=np.float64)
+        self.m2 = np.zeros(dim, dtype=np.float64)
+
+    def add(self, views: np.ndarray) -> None:
+        """Merge a chunk of view embeddings, shape (n, dim)."""
+        views = np.asarray(views, dtype=np.float64)
+        if views.ndim != 2 or views.shape[1] != self.mean.shape[0]:
+            raise ReduceError(f"expected views of shape (n, {self.mean.shape[0]}), got {views.shape}")
+        n = views.shape[0]
+        if n == 0:
+            return
+        chunk_mean = views.mean(axis=0)
+        chunk_m2 = ((views - chunk_mean) ** 2).sum(axis=0)
+        total = self.count + n
+        delta = chunk_mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + chunk_m2 + delta**2 * (self.count * n / total)
+        self.count = total
+
+    def variance(self) -> np.ndarray:
+        """Unbiased per-dimension variance (S-1 denominator); undefined for a single view."""
+        if self.count < 2:
+            raise ReduceError("variance needs at least 2 views (samples >= 2)")
+        return self.m2 / (self.count - 1)
+
+
+def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Each row (or the vector) divided by its L2 norm; zero vectors stay zero."""
+    norm = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.maximum(norm, eps)

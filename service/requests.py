@@ -1,0 +1,169 @@
+"""The door's paperwork: an HTTP request → image bytes + resolved, validated options.
+
+Everything here runs before anything is queued; every problem becomes a ServiceError naming it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import re
+import secrets
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+
+from service.embedding import MAX_SEED, EmbedOptions
+from service.errors import (
+    InvalidImage,
+    InvalidOption,
+    InvalidRequest,
+    PayloadTooLarge,
+    ServiceError,
+    UnsupportedMediaType,
+)
+from service.policies import make_policy
+from service.schemas import EmbeddingsJSONRequest, EmbedOptionsIn, describe_validation_error, parse_form_options
+from service.settings import Settings
+
+_DATA_URL = re.compile(r"data:image/[a-zA-Z0-9.+-]+;base64,", re.ASCII)
+_URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+class RequestTimeout(ServiceError):
+    status, type = 408, "request_timeout"
+
+
+@dataclass
+class ParsedRequest:
+    images: list[bytes]
+    options: EmbedOptionsIn
+
+
+@dataclass(frozen=True)
+class ResolvedOptions:
+    embed: EmbedOptions
+    encoding: str
+
+
+async def read_embeddings_request(request: Request, settings: Settings) -> ParsedRequest:
+    """Read the body (bounded in time; the size is bounded by the body-limit middleware) and parse it."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type not in ("application/json", "multipart/form-data"):
+        raise UnsupportedMediaType(
+            f"content type {media_type or '(none)'!r} is not supported; "
+            "send application/json or multipart/form-data")
+    try:
+        async with asyncio.timeout(settings.body_timeout_s):
+            if media_type == "application/json":
+                return _parse_json(await request.body(), settings)
+            return await _parse_multipart(request, settings)
+    except TimeoutError:
+        raise RequestTimeout(f"the request body did not arrive within {settings.body_timeout_s:g} s") from None
+
+
+def _parse_json(body: bytes, settings: Settings) -> ParsedRequest:
+    if not body:
+        raise InvalidRequest("the request body is empty")
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequest("the body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("the JSON body must be an object with an 'images' list")
+    images = data.get("images")
+    if images is None:
+        raise InvalidOption("images: field required (a list of base64-encoded images)")
+    if not isinstance(images, list):
+        raise InvalidOption("images: must be a list of base64 strings")
+    if len(images) > settings.max_images:
+        raise PayloadTooLarge(f"{len(images)} images sent; at most {settings.max_images} per request")
+    try:
+        parsed = EmbeddingsJSONRequest.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidOption(describe_validation_error(exc)) from None
+    options = EmbedOptionsIn.model_validate(parsed.model_dump(exclude={"images"}, exclude_unset=True))
+    return ParsedRequest([decode_base64(text, i) for i, text in enumerate(parsed.images)], options)
+
+
+def decode_base64(text: str, index: int) -> bytes:
+    label = f"images[{index}]"
+    if _URL.match(text):
+        raise InvalidRequest(f"{label} looks like a URL; URLs are not fetched: send the image bytes")
+    match = _DATA_URL.match(text)
+    if match:
+        text = text[match.end() :]
+    if not text:
+        raise InvalidImage(f"{label} is empty")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest(f"{label} is not valid base64 (standard alphabet, with padding)") from None
+
+
+async def _parse_multipart(request: Request, settings: Settings) -> ParsedRequest:
+    try:
+        form = await request.form(
+            max_files=settings.max_images + 1, max_fields=64, max_part_size=settings.max_body_bytes)
+    except ServiceError:
+        raise
+    except Exception as exc:  # starlette raises its own HTTPException / MultiPartException on bad bodies
+        detail = getattr(exc, "detail", None) or getattr(exc, "message", None) or "malformed multipart body"
+        if "too many files" in str(detail).lower():
+            raise PayloadTooLarge(f"too many files; at most {settings.max_images} images per request") from None
+        raise InvalidRequest(f"could not parse the multipart body: {detail}") from None
+    try:
+        images: list[bytes] = []
+        fields: dict[str, str] = {}
+        for key, value in form.multi_items():
+            if key == "images":
+                if isinstance(value, UploadFile):
+                    images.append(await value.read())
+                elif _URL.match(value):
+                    raise InvalidRequest("images: URLs are not fetched; upload the image bytes as a file")
+                else:
+                    raise InvalidRequest("images: each must be an uploaded file")
+            elif isinstance(value, UploadFile):
+                raise InvalidOption(f"{key}: expected a form field, got a file")
+            elif key in fields:
+                raise InvalidOption(f"{key}: given more than once")
+            else:
+                fields[key] = value
+    finally:
+        await form.close()
+    if not images:
+        raise InvalidOption("images: field required (one or more files in the 'images' field)")
+    if len(images) > settings.max_images:
+        raise PayloadTooLarge(f"{len(images)} images sent; at most {settings.max_images} per request")
+    return ParsedRequest(images, parse_form_options(fields))
+
+
+def resolve_options(options: EmbedOptionsIn, settings: Settings, model_name: str, n_images: int,
+                    known_models: list[str]) -> ResolvedOptions:
+    """Fill defaults from the settings and check the rules that span several options."""
+    if options.model is not None and options.model != model_name:
+        raise InvalidOption(
+            f"model: unknown model {options.model!r}; this server serves: {', '.join(known_models)}")
+    policy_name = options.policy or settings.default_policy
+    if policy_name == "center":
+        if options.samples not in (None, 1):
+            raise InvalidOption("samples: the center policy makes exactly one view; omit samples or send 1")
+        samples = 1
+    else:
+        samples = options.samples if options.samples is not None else settings.default_samples
+    if samples > settings.max_samples:
+        raise InvalidOption(f"samples: at most {settings.max_samples}, got {samples}")
+    if options.return_variance and samples < 2:
+        raise InvalidOption("return_variance: needs samples >= 2 (variance of one view is undefined)")
+    if n_images * samples > settings.max_request_crops:
+        raise PayloadTooLarge(
+            f"{n_images} images x {samples} samples = {n_images * samples} crops; "
+            f"at most {settings.max_request_crops} per request")
+    seed = options.seed if options.seed is not None else secrets.randbelow(MAX_SEED + 1)
+    embed = EmbedOptions(samples, make_policy(policy_name), seed, options.return_variance, options.normalize,
+                         options.view_normalize)
+    return ResolvedOptions(embed, options.encoding)

@@ -1,0 +1,116 @@
+"""The one typed, frozen settings object. Environment (prefix METTA_) and CLI flags both map onto it."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def available_cpus() -> int:
+    """CPUs this process may really use: affinity mask, capped by a cgroup v2/v1 CPU quota."""
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = _cgroup_cpu_quota()
+    if quota is not None:
+        count = min(count, max(1, math.ceil(quota)))
+    return max(1, count)
+
+
+def _cgroup_cpu_quota() -> float | None:
+    try:
+        text = Path("/sys/fs/cgroup/cpu.max").read_text().split()  # cgroup v2: "quota period"
+        if text and text[0] != "max":
+            return int(text[0]) / int(text[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    try:  # cgroup v1
+        quota = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        if quota > 0 and period > 0:
+            return quota / period
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="METTA_", frozen=True, extra="forbid")
+
+    # Network
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+
+    # Model and how it runs
+    model: str = "efficientnet_lite0"
+    weights: str | None = Field(None, description="local weights file for models without packaged weights")
+    random_weights: bool = Field(False, description="allow random weights (tests and speed benchmarks only)")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    mode: Literal["auto", "eager", "torchscript", "openvino"] = Field("auto", description="execution engine")
+    threads: int = Field(default_factory=available_cpus, ge=1, description="intra-op threads (CPU)")
+    decode_workers: int = Field(default_factory=available_cpus, ge=1, description="image decode threads")
+
+    # Batching (counted in crops: one request brings images × samples of them)
+    max_batch_crops: int = Field(16, ge=1)
+    chunk_crops: int = Field(8, ge=1, description="crops one request may put in a batch per turn (fairness)")
+    max_wait_ms: float = Field(0.0, ge=0, description="wait for more work only while others are queued")
+    max_queue_crops: int = Field(2048, ge=1)
+    max_request_crops: int = Field(1024, ge=1)
+
+    # Request limits
+    max_samples: int = Field(128, ge=1)
+    max_images: int = Field(64, ge=1)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    max_image_side: int = Field(12_000, ge=1)
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1)
+    request_timeout_s: float = Field(60.0, gt=0)
+    body_timeout_s: float = Field(30.0, gt=0, description="time allowed to receive a whole request body")
+    shutdown_grace_s: float = Field(30.0, ge=0, description="SIGTERM: time to finish in-flight work")
+
+    # Defaults for requests that do not say
+    default_samples: int = Field(8, ge=1)
+    default_policy: Literal["center", "crop_flip", "multiscale"] = "crop_flip"
+
+    # Auth: keys come from the environment (METTA_API_KEYS, comma-separated) or a file, one per line.
+    api_keys: SecretStr | None = Field(None, description="env only, never a CLI flag")
+    api_keys_file: Path | None = None
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError("device must be auto, cpu, cuda or cuda:N")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.default_samples > self.max_samples:
+            raise ValueError("default_samples must not exceed max_samples")
+        if self.default_policy == "center" and self.default_samples != 1:
+            raise ValueError("the center policy makes one view: default_samples must be 1 with it")
+        if self.max_request_crops > self.max_queue_crops:
+            raise ValueError("max_request_crops must not exceed max_queue_crops (such a request could never run)")
+        return self
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def load_api_keys(self) -> list[str]:
+        """Every configured key (env and file together); empty means auth is off."""
+        keys: list[str] = []
+        if self.api_keys is not None:
+            keys += [k.strip() for k in self.api_keys.get_secret_value().split(",") if k.strip()]
+        if self.api_keys_file is not None:
+            lines = self.api_keys_file.read_text().splitlines()
+            keys += [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+        return keys

@@ -1,0 +1,36 @@
+"""Shared fixtures. Markers come from the folder a test lives in (unit / integration / e2e)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_DIR = REPO.parent / "shared" / "data" / "imagenet-sample"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        folder = Path(str(item.fspath)).relative_to(REPO / "tests").parts[0]
+        if folder in ("unit", "integration", "e2e"):
+            item.add_marker(getattr(pytest.mark, folder))
+
+
+@pytest.fixture(scope="session")
+def sample_dir() -> Path:
+    """The shared ImageNet sample photos; tests that need them skip when they are absent."""
+    if not (SAMPLE_DIR / "labels.tsv").is_file():
+        pytest.skip(f"sample photos not found at {SAMPLE_DIR} (they live in ../shared, beside the checkout)")
+    return SAMPLE_DIR
+
+
+@pytest.fixture(scope="session")
+def sample_labels(sample_dir: Path) -> list[tuple[Path, int]]:
+    """(photo path, ImageNet class index) for every labelled sample photo, in file order."""
+    rows = []
+    lines = (sample_dir / "labels.tsv").read_text().splitlines()
+    for line in lines[1:]:
+        name, class_index = line.split("\t")[:2]
+        rows.append((sample_dir / name, int(class_index)))
+    return rows
