@@ -207,6 +207,9 @@ async def _wait_unless_disconnected(request: Request, work: object) -> list[Imag
     watcher = asyncio.ensure_future(_disconnected(request))
     try:
         done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the handler itself was cancelled (server-side disconnect handling)
+        task.cancel()
+        raise
     finally:
         watcher.cancel()
     if task in done:

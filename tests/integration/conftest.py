@@ -1,0 +1,77 @@
+"""In-process HTTP: the real app with its lifespan, through httpx's ASGI transport."""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models import LoadedModel, create_model
+from service.app import create_app
+from service.settings import Settings
+
+TEST_SETTINGS = {"model": "dummy", "threads": 1, "decode_workers": 2, "default_samples": 4}
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def png_bytes(seed: int = 0, width: int = 120, height: int = 90, mode: str = "RGB") -> bytes:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@asynccontextmanager
+async def serve(model: LoadedModel | None = None, **overrides: object) -> AsyncIterator[httpx.AsyncClient]:
+    """A started app (lifespan run, warmed up) and a client for it; stopped on exit."""
+    settings = Settings(**{**TEST_SETTINGS, **overrides})
+    app = create_app(settings, model=model)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
+            client.app = app  # type: ignore[attr-defined]
+            yield client
+
+
+def engine_of(client: httpx.AsyncClient):  # type: ignore[no-untyped-def]
+    return client.app.state.metta.engine  # type: ignore[attr-defined]
+
+
+class ControlledModel:
+    """Wraps the dummy model's forward: counts calls and crops, can block, can fail on chosen calls."""
+
+    def __init__(self) -> None:
+        self.inner = create_model("dummy")
+        self.calls = 0
+        self.crops = 0
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.fail_on: Callable[[int], BaseException | None] = lambda call: None
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        self.entered.set()
+        self.gate.wait(30)
+        error = self.fail_on(self.calls)
+        if error is not None:
+            raise error
+        self.crops += x.shape[0]
+        return self.inner._run(x)
+
+    def loaded(self) -> LoadedModel:
+        inner = self.inner
+        return LoadedModel(inner.spec, self.run, device=inner.device, dtype=inner.dtype, mode=inner.mode,
+                           fingerprint=inner.fingerprint)

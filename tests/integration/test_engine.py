@@ -1,0 +1,191 @@
+"""The batching engine through HTTP: shared batches, fairness, overload, deadlines, cancellation, faults."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+
+import numpy as np
+import pytest
+
+from tests.integration.conftest import ControlledModel, engine_of, png_bytes, serve
+
+pytestmark = pytest.mark.anyio
+
+
+def body(seed: int, samples: int = 4, images: int = 1) -> dict:
+    return {"images": [base64.b64encode(png_bytes(seed + i)).decode() for i in range(images)],
+            "samples": samples, "seed": 7}
+
+
+async def wait_until(condition, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.005)
+
+
+async def test_concurrent_requests_share_batches_and_match_their_solo_results() -> None:
+    spy = ControlledModel()
+    async with serve(model=spy.loaded(), max_batch_crops=16, chunk_crops=4) as client:
+        engine = engine_of(client)
+        solo = [(await client.post("/v1/embeddings", json=body(seed))).json() for seed in range(6)]
+        spy.gate.clear()  # hold the worker so the next requests queue up together
+        spy.entered.clear()
+        blocker = asyncio.create_task(client.post("/v1/embeddings", json=body(100)))
+        await wait_until(spy.entered.is_set)
+        batches_before = len(engine.counters.batch_members)
+        tasks = [asyncio.create_task(client.post("/v1/embeddings", json=body(seed))) for seed in range(6)]
+        await wait_until(lambda: engine.pending_requests == 7)
+        spy.gate.set()
+        together = [(await task).json() for task in tasks]
+        await blocker
+    shared = [m for m in engine.counters.batch_members[batches_before:] if len(m) >= 2]
+    assert shared, "no batch held crops of two requests"
+    for alone, mixed in zip(solo, together, strict=True):
+        np.testing.assert_allclose(alone["data"][0]["embedding"], mixed["data"][0]["embedding"], rtol=1e-4,
+                                   atol=1e-5)
+
+
+async def test_a_large_request_does_not_hold_small_ones_behind_it() -> None:
+    spy = ControlledModel()
+    async with serve(model=spy.loaded(), max_batch_crops=8, chunk_crops=4, max_request_crops=512,
+                     max_samples=128) as client:
+        engine = engine_of(client)
+        spy.gate.clear()
+        spy.entered.clear()
+        big = asyncio.create_task(client.post("/v1/embeddings", json=body(0, samples=128, images=2)))
+        await wait_until(spy.entered.is_set)
+        small = asyncio.create_task(client.post("/v1/embeddings", json=body(1, samples=4)))
+        await wait_until(lambda: engine.pending_requests == 2)
+        spy.gate.set()
+        await small
+        assert not big.done(), "the small request should finish while the big one still runs"
+        assert (await big).status_code == 200
+
+
+async def test_overload_gives_200s_and_429s_with_retry_after_and_no_5xx() -> None:
+    spy = ControlledModel()
+    async with serve(model=spy.loaded(), max_queue_crops=16, max_request_crops=16, max_batch_crops=4) as client:
+        spy.gate.clear()
+        tasks = [asyncio.create_task(client.post("/v1/embeddings", json=body(i, samples=4))) for i in range(12)]
+        await wait_until(lambda: sum(t.done() for t in tasks) >= 8)  # the ones over the bound are refused now
+        spy.gate.set()
+        replies = await asyncio.gather(*tasks)
+        codes = sorted(r.status_code for r in replies)
+        assert set(codes) == {200, 429}, codes
+        for reply in replies:
+            if reply.status_code == 429:
+                assert reply.json()["error"]["type"] == "overloaded"
+                assert int(reply.headers["retry-after"]) >= 1
+        assert engine_of(client).queued_crops == 0
+        after = await client.post("/v1/embeddings", json=body(50))
+        assert after.status_code == 200
+
+
+async def test_deadline_gives_504_and_drops_pending_crops() -> None:
+    spy = ControlledModel()
+    async with serve(model=spy.loaded(), request_timeout_s=0.3, max_batch_crops=4, chunk_crops=4) as client:
+        engine = engine_of(client)
+        spy.gate.clear()
+        reply_task = asyncio.create_task(client.post("/v1/embeddings", json=body(0, samples=64)))
+        reply = await reply_task
+        assert reply.status_code == 504 and reply.json()["error"]["type"] == "deadline_exceeded"
+        crops_before = spy.crops
+        spy.gate.set()
+        await wait_until(lambda: engine.pending_requests == 0)
+        await asyncio.sleep(0.1)
+        assert spy.crops - crops_before <= 4  # at most the batch already in the forward
+        assert engine.queued_crops == 0
+        assert engine.counters.crops_dropped >= 56
+
+
+async def test_cancelled_clients_remaining_crops_are_not_computed() -> None:
+    spy = ControlledModel()
+    async with serve(model=spy.loaded(), max_batch_crops=4, chunk_crops=4) as client:
+        engine = engine_of(client)
+        spy.gate.clear()
+        spy.entered.clear()
+        tasks = [asyncio.create_task(client.post("/v1/embeddings", json=body(i, samples=32))) for i in range(4)]
+        await wait_until(spy.entered.is_set)
+        await wait_until(lambda: engine.pending_requests == 4)
+        crops_before = spy.crops
+        for task in tasks:
+            task.cancel()  # the client goes away
+        await asyncio.gather(*tasks, return_exceptions=True)
+        spy.gate.set()
+        await wait_until(lambda: engine.pending_requests == 0)
+        await asyncio.sleep(0.1)
+        assert spy.crops - crops_before <= 4  # only the batch already running; 124 crops never ran
+        assert engine.queued_crops == 0
+        assert (await client.post("/v1/embeddings", json=body(9))).status_code == 200
+        metrics = (await client.get("/metrics")).text
+        assert 'metta_rejected_total{reason="client_gone"} 4.0' in metrics
+
+
+async def test_a_failing_forward_fails_exactly_the_requests_in_that_batch() -> None:
+    spy = ControlledModel()
+    async with serve(model=spy.loaded(), max_batch_crops=8, chunk_crops=4) as client:
+        engine = engine_of(client)
+        spy.gate.clear()
+        spy.entered.clear()
+        first = asyncio.create_task(client.post("/v1/embeddings", json=body(0, samples=4)))
+        await wait_until(spy.entered.is_set)
+        calls_so_far = spy.calls
+        batches_before = len(engine.counters.batch_members)
+        # The next forward (one batch holding two requests) raises; the one after succeeds.
+        spy.fail_on = lambda call: RuntimeError("kaboom") if call == calls_so_far + 1 else None
+        doomed = [asyncio.create_task(client.post("/v1/embeddings", json=body(i, samples=4))) for i in (1, 2)]
+        await wait_until(lambda: engine.pending_requests == 3)
+        spy.gate.set()
+        assert (await first).status_code == 200
+        failed = [await t for t in doomed]
+        assert [r.status_code for r in failed] == [500, 500]
+        assert all(r.json()["error"]["type"] == "internal" and "kaboom" not in r.text for r in failed)
+        assert len(engine.counters.batch_members) == batches_before + 1  # only the first one's batch counted
+        assert (await client.post("/v1/embeddings", json=body(3))).status_code == 200  # the worker lives on
+
+
+async def test_out_of_memory_halves_the_batch_and_retries_once() -> None:
+    spy = ControlledModel()
+    async with serve(model=spy.loaded(), max_batch_crops=8, chunk_crops=8) as client:
+        calls = spy.calls
+        spy.fail_on = lambda call: RuntimeError("CUDA out of memory. Tried to allocate") if call == calls + 1 else None
+        reply = await client.post("/v1/embeddings", json=body(0, samples=8))
+        assert reply.status_code == 200
+        assert spy.calls == calls + 3  # the failed batch of 8, then two halves of 4
+        expected = (await client.post("/v1/embeddings", json=body(0, samples=8))).json()
+        np.testing.assert_allclose(reply.json()["data"][0]["embedding"], expected["data"][0]["embedding"],
+                                   rtol=1e-5, atol=1e-6)
+
+
+class FatalDeviceError(BaseException):
+    """Stands for an unrecoverable device fault: not an Exception, so it kills the worker."""
+
+
+async def test_worker_death_fails_every_waiting_request_at_once_and_health_says_so() -> None:
+    spy = ControlledModel()
+    async with serve(model=spy.loaded(), max_batch_crops=4, chunk_crops=4) as client:
+        spy.gate.clear()
+        spy.entered.clear()
+        calls = spy.calls
+        spy.fail_on = lambda call: FatalDeviceError() if call == calls + 1 else None
+        tasks = [asyncio.create_task(client.post("/v1/embeddings", json=body(i, samples=8))) for i in range(3)]
+        await wait_until(spy.entered.is_set)
+        await wait_until(lambda: engine_of(client).pending_requests == 3)
+        spy.gate.set()
+        replies = await asyncio.wait_for(asyncio.gather(*tasks), timeout=10)
+        assert [r.status_code for r in replies] == [503, 503, 503]
+        assert (await client.get("/healthz")).status_code == 503
+        assert (await client.get("/readyz")).status_code == 503
+        late = await client.post("/v1/embeddings", json=body(5))
+        assert late.status_code == 503 and late.json()["error"]["type"] == "not_ready"
+
+
+async def test_an_idle_worker_does_not_wait_for_company() -> None:
+    spy = ControlledModel()
+    async with serve(model=spy.loaded(), max_wait_ms=5_000, max_batch_crops=64) as client:
+        started = asyncio.get_running_loop().time()
+        assert (await client.post("/v1/embeddings", json=body(0, samples=2))).status_code == 200
+        # A lone request is dispatched at once, not after max_wait_ms (5 s): a bound, not a timing.
+        assert asyncio.get_running_loop().time() - started < 4.0

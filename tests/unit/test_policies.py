@@ -1,0 +1,135 @@
+"""Augmentation policies: geometry within bounds, reproducible, and the classic center crop."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from models import create_model
+from models.registry import Preprocess
+from service.policies import (
+    CenterPolicy,
+    CropFlipPolicy,
+    MultiscalePolicy,
+    PolicyError,
+    make_policy,
+    plan_views,
+    render_view,
+)
+
+PRE = Preprocess(input_size=224, resize_size=256, mean=(0.5,) * 3, std=(0.5,) * 3)
+
+
+def random_image(height: int = 375, width: int = 500, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=generator)
+
+
+@pytest.mark.parametrize(("height", "width"), [(375, 500), (500, 375), (64, 1000), (1000, 40), (1, 1)])
+@pytest.mark.parametrize("scale", [(0.08, 1.0), (0.25, 1.0), (0.7, 1.0)])
+def test_crop_flip_views_stay_inside_and_respect_ranges(height: int, width: int, scale: tuple) -> None:
+    policy = CropFlipPolicy(scale=scale)
+    views = policy.plan(height, width, 200, seed=7, preprocess=PRE)
+    assert len(views) == 200
+    for view in views:
+        assert 0 <= view.top and view.top + view.height <= height
+        assert 0 <= view.left and view.left + view.width <= width
+        assert view.size == 224
+    if height >= 64 and width >= 64 and 3 / 4 <= width / height <= 4 / 3:
+        # Ordinary photos: every view comes from a successful try, so it respects scale and ratio
+        # (up to rounding its sides to whole pixels).
+        for view in views:
+            slack = 2.5 / min(view.height, view.width)
+            fraction = view.height * view.width / (height * width)
+            assert scale[0] * (1 - 2 * slack) <= fraction <= scale[1] * (1 + 2 * slack)
+            assert 3 / 4 * (1 - 2 * slack) <= view.width / view.height <= 4 / 3 * (1 + 2 * slack)
+    flips = sum(v.flip for v in views)
+    assert 60 < flips < 140  # p = 0.5
+
+
+def test_crop_flip_is_reproducible_and_prefix_stable() -> None:
+    policy = CropFlipPolicy()
+    a = policy.plan(375, 500, 32, seed=3, preprocess=PRE)
+    assert a == policy.plan(375, 500, 32, seed=3, preprocess=PRE)
+    assert a[:10] == policy.plan(375, 500, 10, seed=3, preprocess=PRE)
+    assert a != policy.plan(375, 500, 32, seed=4, preprocess=PRE)
+
+
+def test_multiscale_sizes_cycle_with_flips() -> None:
+    views = MultiscalePolicy().plan(375, 500, 7, seed=0, preprocess=PRE)
+    assert [v.size for v in views] == [224, 158, 112, 224, 158, 112, 224]
+    assert [v.flip for v in views] == [False, False, False, True, True, True, False]
+    # Every view is the same central box: smaller inputs, not zoomed crops.
+    assert len({(v.top, v.left, v.height, v.width) for v in views}) == 1
+    image = random_image()
+    assert [tuple(render_view(image, v, PRE).shape) for v in views[:3]] == [(3, 224, 224), (3, 158, 158),
+                                                                            (3, 112, 112)]
+
+
+def test_center_is_one_view_and_refuses_more() -> None:
+    assert len(CenterPolicy().plan(375, 500, 1, 0, PRE)) == 1
+    with pytest.raises(PolicyError, match="exactly one view"):
+        CenterPolicy().plan(375, 500, 2, 0, PRE)
+
+
+def _classic_center(pil: Image.Image, pre: Preprocess) -> torch.Tensor:
+    pipeline = transforms.Compose([transforms.Resize(pre.resize_size), transforms.CenterCrop(pre.input_size),
+                                   transforms.PILToTensor()])
+    return pipeline(pil)
+
+
+def _ours_center(pil: Image.Image, pre: Preprocess) -> torch.Tensor:
+    image = torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1).contiguous()
+    view = CenterPolicy().plan(image.shape[1], image.shape[2], 1, 0, pre)[0]
+    return render_view(image, view, pre)
+
+
+def test_center_embeds_like_classic_pipeline(sample_labels: list) -> None:
+    """Our box-then-resize center view embeds like torchvision's Resize(256) → CenterCrop(224)."""
+    model = create_model("efficientnet_lite0")
+    pre = model.spec.preprocess
+    for path, _ in sample_labels[:8]:
+        pil = Image.open(path).convert("RGB")
+        ours = model.embed_views(_ours_center(pil, pre).unsqueeze(0))[0]
+        theirs = model.embed_views(_classic_center(pil, pre).unsqueeze(0))[0]
+        assert torch.nn.functional.cosine_similarity(ours, theirs, dim=0) >= 0.999
+
+
+def test_rendered_flip_mirrors_the_unflipped_view() -> None:
+    image = random_image()
+    view = CropFlipPolicy(flip_p=0.0).plan(375, 500, 1, 5, PRE)[0]
+    flipped = CropFlipPolicy(flip_p=1.0).plan(375, 500, 1, 5, PRE)[0]
+    assert (view.top, view.left, view.height, view.width) == (flipped.top, flipped.left, flipped.height,
+                                                              flipped.width)
+    assert torch.equal(render_view(image, flipped, PRE), render_view(image, view, PRE).flip(-1))
+
+
+@pytest.mark.parametrize(
+    ("image", "samples", "message"),
+    [
+        (torch.zeros(3, 0, 10, dtype=torch.uint8), 1, "must not be empty"),
+        (torch.zeros(3, 10, 10, dtype=torch.float32), 1, "uint8"),
+        (torch.zeros(10, 10, dtype=torch.uint8), 1, r"shape \(3, H, W\)"),
+        (torch.zeros(4, 10, 10, dtype=torch.uint8), 1, r"shape \(3, H, W\)"),
+        (torch.zeros(3, 10, 10, dtype=torch.uint8), 0, "at least 1"),
+    ],
+)
+def test_bad_input_raises_typed_errors(image: torch.Tensor, samples: int, message: str) -> None:
+    with pytest.raises(PolicyError, match=message):
+        plan_views(CropFlipPolicy(), image, samples, 0, PRE)
+
+
+def test_policy_factory_validates() -> None:
+    assert make_policy("multiscale", scales=(1.0, 0.5)).scales == (1.0, 0.5)
+    with pytest.raises(PolicyError, match="unknown policy 'zoom'.*center, crop_flip, multiscale"):
+        make_policy("zoom")
+    with pytest.raises(PolicyError, match="scale"):
+        CropFlipPolicy(scale=(0.5, 0.2))
+    with pytest.raises(PolicyError, match="scales"):
+        MultiscalePolicy(scales=())
+    assert math.isclose(MultiscalePolicy().scales[1], 1 / math.sqrt(2))

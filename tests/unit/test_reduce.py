@@ -1,0 +1,42 @@
+"""Running mean and variance: equal to numpy's however the views are split into chunks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from service.reduce import ReduceError, RunningStats, l2_normalize
+
+
+@pytest.mark.parametrize("chunk", [10, 3, 1, 7])
+def test_mean_and_variance_equal_numpy_for_any_chunking(chunk: int) -> None:
+    views = np.random.default_rng(0).normal(3.0, 2.0, size=(10, 32)).astype(np.float32)
+    stats = RunningStats(32)
+    for start in range(0, 10, chunk):
+        stats.add(views[start : start + chunk])
+    assert stats.count == 10
+    np.testing.assert_allclose(stats.mean, views.astype(np.float64).mean(axis=0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(stats.variance(), views.astype(np.float64).var(axis=0, ddof=1), rtol=1e-10)
+
+
+def test_merge_is_exact_with_a_large_offset() -> None:
+    """Chan's update stays exact where a naive sum-of-squares formula loses every digit."""
+    views = 1e6 + np.random.default_rng(1).normal(0, 1e-2, size=(64, 8))
+    stats = RunningStats(8)
+    for part in np.array_split(views, 5):
+        stats.add(part)
+    np.testing.assert_allclose(stats.variance(), views.var(axis=0, ddof=1), rtol=1e-6)
+
+
+def test_variance_needs_two_views_and_shapes_are_checked() -> None:
+    stats = RunningStats(4)
+    stats.add(np.ones((1, 4)))
+    with pytest.raises(ReduceError, match="at least 2 views"):
+        stats.variance()
+    with pytest.raises(ReduceError, match="shape"):
+        stats.add(np.ones((2, 5)))
+
+
+def test_l2_normalize_rows_and_zero_vector() -> None:
+    x = np.array([[3.0, 4.0], [0.0, 0.0]])
+    np.testing.assert_allclose(l2_normalize(x), [[0.6, 0.8], [0.0, 0.0]])
