@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hmac
 import json
 import logging
@@ -22,7 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from models import LoadedModel, ModelOptions, available_models, create_model
+from models import LoadedModel, ModelOptions, create_model
 from service.decode import decode_image
 from service.embedding import EmbedOptions, ImageJob, ImageResult
 from service.engine import BatchingConfig, Engine
@@ -215,10 +216,8 @@ async def _wait_unless_disconnected(request: Request, work: object) -> list[Imag
     if task in done:
         return task.result()
     task.cancel()
-    try:
+    with contextlib.suppress(asyncio.CancelledError, ServiceError):
         await task
-    except (asyncio.CancelledError, ServiceError):
-        pass
     raise ClientGone()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import time
 import types
@@ -61,6 +62,10 @@ def serve_main(argv: list[str] | None = None) -> None:
 
     from service.app import create_app
 
+    # uvicorn drains on SIGTERM, then re-raises the signal under the handler that was there before
+    # it started; with the default one the process would die by the signal (exit -15) after a clean
+    # drain. A no-op handler lets the drained server exit 0, as orchestrators expect.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     # One process owns the device and its metrics: more uvicorn workers would load the model again
     # per worker and split the metrics, so scale with more containers instead.
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, workers=1,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import logging
 import threading
@@ -220,7 +221,7 @@ class Engine:
                 if batch is None:
                     return
                 self._run_batch(*batch)
-        except BaseException as exc:  # noqa: BLE001 - the worker must report its own death
+        except BaseException as exc:
             log.exception("inference worker died")
             self.dead = exc
             self.metrics.ready.set(0)
@@ -343,10 +344,8 @@ class Engine:
             else:
                 request.future.set_result(outcome)
 
-        try:
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
             request.loop.call_soon_threadsafe(deliver)
-        except RuntimeError:  # the loop is closed: nobody is waiting any more
-            pass
 
     def _fail_all(self, error: ServiceError) -> None:
         with self._cond:

@@ -27,7 +27,12 @@ from service.errors import (
     UnsupportedMediaType,
 )
 from service.policies import make_policy
-from service.schemas import EmbeddingsJSONRequest, EmbedOptionsIn, describe_validation_error, parse_form_options
+from service.schemas import (
+    EmbeddingsJSONRequest,
+    EmbedOptionsIn,
+    describe_validation_error,
+    parse_form_options,
+)
 from service.settings import Settings
 
 _DATA_URL = re.compile(r"data:image/[a-zA-Z0-9.+-]+;base64,", re.ASCII)

@@ -105,5 +105,5 @@ def test_bad_images_raise_typed_errors(dummy, bad: torch.Tensor, message: str) -
 def test_no_images_and_unknown_model(dummy) -> None:
     with pytest.raises(PolicyError, match="no images"):
         embed(dummy, [], samples=2)
-    with pytest.raises(ModelError, match="unknown model 'nope'.*dummy"):
+    with pytest.raises(ModelError, match=r"unknown model 'nope'; known models: .*dummy"):
         create_model("nope", ModelOptions())
