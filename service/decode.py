@@ -37,7 +37,8 @@ def decode_image(data: bytes, *, max_pixels: int, max_side: int, label: str = "i
     except (PayloadTooLarge, InvalidImage):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise PayloadTooLarge(f"{label} has too many pixels") from exc
+        raise PayloadTooLarge(f"{label} has too many pixels (a decompression bomb?); "
+                              f"at most {max_pixels} pixels are allowed") from exc
     except UnidentifiedImageError as exc:
         raise InvalidImage(
             f"{label} is not a decodable image of an allowed format ({', '.join(ALLOWED_FORMATS)})"

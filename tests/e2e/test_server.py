@@ -59,7 +59,7 @@ def test_real_photos_both_encodings_seeds_and_metta_vs_center(server: ServerProc
     same = embed_json(server, photos, samples=8, seed=1)
     assert same["data"] == a["data"]  # same seed, other encoding: the same reply
     other = embed_json(server, photos, samples=8, seed=2)
-    assert all(cosine(x["embedding"], y["embedding"]) < 0.9999 for x, y in zip(a["data"], other["data"]))
+    assert all(cosine(x["embedding"], y["embedding"]) < 0.9999 for x, y in zip(a["data"], other["data"], strict=True))
 
     metta = embed_json(server, photos, samples=16, seed=3, policy="crop_flip")
     center = embed_json(server, photos, policy="center")
