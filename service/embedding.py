@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from models.registry import LoadedModel
-from service.policies import Policy, PolicyError, View, check_image, make_policy, render_view
+from service.policies import Policy, PolicyError, View, check_image, make_policy, render_view, shrink_for_views
 from service.reduce import RunningStats, l2_normalize
 
 MAX_SEED = 2**53 - 1
@@ -61,6 +61,8 @@ class ImageJob:
         self.views: list[View] = options.policy.plan(
             int(image.shape[1]), int(image.shape[2]), options.samples, options.seed, model.spec.preprocess
         )
+        # Views are rendered from a working copy, downscaled once when every view allows it.
+        self.source, self.render_views = shrink_for_views(image, self.views, model.spec.preprocess)
         self.handed_out = 0
         self.stats = RunningStats(model.dim)
 
@@ -77,7 +79,7 @@ class ImageJob:
         """Hand out the next n (or fewer) views as a chunk."""
         start = self.handed_out
         self.handed_out = min(len(self.views), start + n)
-        return Chunk(self, self.views[start : self.handed_out])
+        return Chunk(self, self.render_views[start : self.handed_out])
 
     def add(self, embeddings: np.ndarray) -> None:
         if self.options.view_normalize:
@@ -124,7 +126,7 @@ def run_chunks(model: LoadedModel, chunks: Sequence[Chunk]) -> StageTimes:
     for c, chunk in enumerate(chunks):
         for v, view in enumerate(chunk.views):
             by_size[view.size].append((c, v))
-            pixels[view.size].append(render_view(chunk.job.image, view, preprocess))
+            pixels[view.size].append(render_view(chunk.job.source, view, preprocess))
     times.augment = time.perf_counter() - started
 
     started = time.perf_counter()

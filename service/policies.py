@@ -174,11 +174,40 @@ def check_image(image: torch.Tensor) -> None:
 
 def render_view(image: torch.Tensor, view: View, preprocess: Preprocess) -> torch.Tensor:
     """The pixels of one view: crop, antialiased resize to (size, size), optional flip; uint8."""
-    interpolation = (
-        TF.InterpolationMode.BICUBIC if preprocess.interpolation == "bicubic" else TF.InterpolationMode.BILINEAR
-    )
-    out = TF.resized_crop(
-        image, view.top, view.left, view.height, view.width, [view.size, view.size],
-        interpolation=interpolation, antialias=True,
-    )
+    if (view.height, view.width) == (view.size, view.size):
+        out = image[:, view.top : view.top + view.size, view.left : view.left + view.size]  # no resampling
+    else:
+        out = TF.resized_crop(image, view.top, view.left, view.height, view.width, [view.size, view.size],
+                              interpolation=_interpolation(preprocess), antialias=True)
     return TF.horizontal_flip(out) if view.flip else out
+
+
+def shrink_for_views(image: torch.Tensor, views: list[View], preprocess: Preprocess) -> tuple[torch.Tensor, list[View]]:
+    """Downscale the image once so no view needs more than ~1 source pixel per output pixel.
+
+    A 500×375 photo's center box (328 px) is resized to 224 px anyway; resizing the whole image
+    once (to 341×256 here, exactly the classic Resize(256) step) makes every later crop cheaper,
+    and for large photos it is most of the saving. Returns the working image and the views mapped
+    onto it; images whose views all need full resolution come back unchanged.
+    """
+    height, width = int(image.shape[1]), int(image.shape[2])
+    factor = max(view.size / min(view.height, view.width) for view in views)
+    if factor >= _SHRINK_WORTH_IT:
+        return image, views
+    new_h, new_w = max(1, round(height * factor)), max(1, round(width * factor))
+    small = TF.resize(image, [new_h, new_w], interpolation=_interpolation(preprocess), antialias=True)
+    sy, sx = new_h / height, new_w / width
+    mapped = []
+    for view in views:
+        top, left = min(new_h - 1, round(view.top * sy)), min(new_w - 1, round(view.left * sx))
+        box_h = max(1, min(new_h - top, round(view.height * sy)))
+        box_w = max(1, min(new_w - left, round(view.width * sx)))
+        mapped.append(View(top, left, box_h, box_w, view.size, view.flip))
+    return small, mapped
+
+
+_SHRINK_WORTH_IT = 0.9  # below 10% smaller, a second resampling is not worth its cost
+
+
+def _interpolation(preprocess: Preprocess) -> TF.InterpolationMode:
+    return TF.InterpolationMode.BICUBIC if preprocess.interpolation == "bicubic" else TF.InterpolationMode.BILINEAR

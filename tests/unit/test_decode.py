@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import struct
 import zlib
@@ -167,7 +168,5 @@ def test_corrupted_real_images_never_escape_as_other_errors(noise: bytes, offset
     data = bytearray(encode(Image.fromarray(gradient()), "PNG"))
     offset = min(offset, len(data) - 1)
     data[offset : offset + len(noise)] = noise
-    try:
+    with contextlib.suppress(InvalidImage, PayloadTooLarge):  # anything else fails the test
         decode_image(bytes(data), **LIMITS)
-    except (InvalidImage, PayloadTooLarge):
-        pass

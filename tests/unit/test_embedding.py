@@ -32,8 +32,8 @@ def test_mean_and_variance_are_numpys_over_the_same_views(dummy, max_batch_crops
                    max_batch_crops=max_batch_crops)
     # The same ten views, embedded one at a time by hand.
     job = ImageJob(img, EmbedOptions(10, CropFlipPolicy(), 5), dummy)
-    views = np.stack([dummy.embed_views(render_view(img, v, dummy.spec.preprocess)[None])[0].numpy()
-                      for v in job.views]).astype(np.float64)
+    views = np.stack([dummy.embed_views(render_view(job.source, v, dummy.spec.preprocess)[None])[0].numpy()
+                      for v in job.render_views]).astype(np.float64)
     np.testing.assert_allclose(result.embeddings[0], views.mean(axis=0), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(result.variances[0], views.var(axis=0, ddof=1), rtol=1e-4, atol=1e-6)
 

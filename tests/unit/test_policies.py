@@ -12,6 +12,7 @@ from torchvision import transforms
 
 from models import create_model
 from models.registry import Preprocess
+from service.embedding import embed
 from service.policies import (
     CenterPolicy,
     CropFlipPolicy,
@@ -20,6 +21,7 @@ from service.policies import (
     make_policy,
     plan_views,
     render_view,
+    shrink_for_views,
 )
 
 PRE = Preprocess(input_size=224, resize_size=256, mean=(0.5,) * 3, std=(0.5,) * 3)
@@ -77,27 +79,18 @@ def test_center_is_one_view_and_refuses_more() -> None:
         CenterPolicy().plan(375, 500, 2, 0, PRE)
 
 
-def _classic_center(pil: Image.Image, pre: Preprocess) -> torch.Tensor:
-    pipeline = transforms.Compose([transforms.Resize(pre.resize_size), transforms.CenterCrop(pre.input_size),
-                                   transforms.PILToTensor()])
-    return pipeline(pil)
-
-
-def _ours_center(pil: Image.Image, pre: Preprocess) -> torch.Tensor:
-    image = torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1).contiguous()
-    view = CenterPolicy().plan(image.shape[1], image.shape[2], 1, 0, pre)[0]
-    return render_view(image, view, pre)
-
-
 def test_center_embeds_like_classic_pipeline(sample_labels: list) -> None:
-    """Our box-then-resize center view embeds like torchvision's Resize(256) → CenterCrop(224)."""
+    """The service's center view embeds like torchvision's Resize(256) → CenterCrop(224) on PIL."""
     model = create_model("efficientnet_lite0")
     pre = model.spec.preprocess
+    classic = transforms.Compose([transforms.Resize(pre.resize_size), transforms.CenterCrop(pre.input_size),
+                                  transforms.PILToTensor()])
     for path, _ in sample_labels[:8]:
         pil = Image.open(path).convert("RGB")
-        ours = model.embed_views(_ours_center(pil, pre).unsqueeze(0))[0]
-        theirs = model.embed_views(_classic_center(pil, pre).unsqueeze(0))[0]
-        assert torch.nn.functional.cosine_similarity(ours, theirs, dim=0) >= 0.999
+        image = torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1).contiguous()
+        ours = embed(model, [image], samples=1, policy="center").embeddings[0]
+        theirs = model.embed_views(classic(pil).unsqueeze(0))[0].numpy()
+        assert ours @ theirs / (np.linalg.norm(ours) * np.linalg.norm(theirs)) >= 0.999
 
 
 def test_rendered_flip_mirrors_the_unflipped_view() -> None:
@@ -133,3 +126,22 @@ def test_policy_factory_validates() -> None:
     with pytest.raises(PolicyError, match="scales"):
         MultiscalePolicy(scales=())
     assert math.isclose(MultiscalePolicy().scales[1], 1 / math.sqrt(2))
+
+
+def test_shrink_once_keeps_views_inside_and_center_becomes_the_classic_resize() -> None:
+    image = random_image(375, 500)
+    center = CenterPolicy().plan(375, 500, 1, 0, PRE)
+    small, mapped = shrink_for_views(image, center, PRE)
+    assert tuple(small.shape) == (3, 256, 341)  # Resize(shorter side → 256)
+    assert (mapped[0].height, mapped[0].width, mapped[0].size) == (224, 224, 224)  # then a plain crop
+    big = random_image(1500, 2000)
+    views = CropFlipPolicy().plan(1500, 2000, 64, 1, PRE)
+    small, mapped = shrink_for_views(big, views, PRE)
+    assert small.shape[1] < 1500
+    for view in mapped:
+        assert view.top >= 0 and view.top + view.height <= small.shape[1]
+        assert view.left >= 0 and view.left + view.width <= small.shape[2]
+        assert min(view.height, view.width) >= 0.95 * view.size  # still ~1 source pixel per output pixel
+    # Upsampling views (boxes smaller than the output) leave the image untouched.
+    tiny = random_image(100, 120)
+    assert shrink_for_views(tiny, CropFlipPolicy().plan(100, 120, 4, 0, PRE), PRE)[0] is tiny
