@@ -63,6 +63,9 @@ class ImageJob:
         )
         # Views are rendered from a working copy, downscaled once when every view allows it.
         self.source, self.render_views = shrink_for_views(image, self.views, model.spec.preprocess)
+        if model.device.type == "cuda":
+            # One host→device copy per image; every view is then cut and resized on the GPU.
+            self.source = self.source.pin_memory().to(model.device, non_blocking=True)
         self.handed_out = 0
         self.stats = RunningStats(model.dim)
 
