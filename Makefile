@@ -26,7 +26,7 @@ unit: venv
 
 lint: venv
 	$(BIN)/ruff check service models tests bench
-	$(BIN)/mypy service models
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

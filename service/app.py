@@ -10,10 +10,11 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,7 +45,8 @@ log = logging.getLogger("metta.app")
 EMBEDDINGS = "/v1/embeddings"
 _REJECT_REASON = {400: "invalid", 408: "invalid", 415: "invalid", 422: "invalid", 413: "too_large",
                   401: "unauthorized"}
-_ERROR_RESPONSES = {code: {"model": ErrorResponse} for code in (400, 401, 408, 413, 415, 422, 429, 500, 503, 504)}
+_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 408, 413, 415, 422, 429, 500, 503, 504)}
 
 
 class ServiceState:
@@ -75,8 +77,8 @@ def create_app(settings: Settings | None = None, *, model: LoadedModel | None = 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state.model = model or await asyncio.to_thread(load_model, settings)
-        loaded = state.model
+        loaded = model if model is not None else await asyncio.to_thread(load_model, settings)
+        state.model = loaded
         metrics.model_info.labels(loaded.name, loaded.fingerprint, str(loaded.dim), str(loaded.device),
                                   loaded.dtype, loaded.mode).set(1)
         if loaded.device.type == "cuda":
@@ -202,9 +204,9 @@ class ClientGone(Exception):
     """The client disconnected before its reply was ready."""
 
 
-async def _wait_unless_disconnected(request: Request, work: object) -> list[ImageResult]:
+async def _wait_unless_disconnected(request: Request, work: Awaitable[list[ImageResult]]) -> list[ImageResult]:
     """Await the engine's result; if the client disconnects first, cancel it (its crops are dropped)."""
-    task = asyncio.ensure_future(work)  # type: ignore[arg-type]
+    task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_disconnected(request))
     try:
         done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -231,7 +233,8 @@ async def _disconnected(request: Request) -> None:
 def _encode(vector: np.ndarray, encoding: str) -> list[float] | str:
     if encoding == "base64":
         return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
-    return vector.tolist()
+    values: list[float] = vector.tolist()
+    return values
 
 
 def _reply(model: LoadedModel, resolved: ResolvedOptions, results: list[ImageResult]) -> bytes:

@@ -24,6 +24,7 @@ from models.registry import LoadedModel
 from service.embedding import Chunk, ImageJob, ImageResult, StageTimes, run_chunks
 from service.errors import DeadlineExceeded, InternalError, NotReady, Overloaded, ServiceError
 from service.metrics import Metrics
+from service.policies import View
 
 log = logging.getLogger("metta.engine")
 _POLL_S = 0.1  # every blocking wait in the worker wakes at least this often
@@ -356,14 +357,14 @@ class Engine:
             self._settle(request, error)
 
 
-def _regroup(views: list[tuple[ImageJob, object]]) -> list[Chunk]:
+def _regroup(views: Sequence[tuple[ImageJob, View]]) -> list[Chunk]:
     """Consecutive views of the same job → one chunk each (for the OOM retry's halves)."""
     chunks: list[Chunk] = []
     for job, view in views:
         if chunks and chunks[-1].job is job:
-            chunks[-1].views.append(view)  # type: ignore[arg-type]
+            chunks[-1].views.append(view)
         else:
-            chunks.append(Chunk(job, [view]))  # type: ignore[list-item]
+            chunks.append(Chunk(job, [view]))
     return chunks
 
 

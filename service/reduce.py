@@ -42,10 +42,12 @@ class RunningStats:
         """Unbiased per-dimension variance (S-1 denominator); undefined for a single view."""
         if self.count < 2:
             raise ReduceError("variance needs at least 2 views (samples >= 2)")
-        return self.m2 / (self.count - 1)
+        variance: np.ndarray = self.m2 / (self.count - 1)
+        return variance
 
 
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     """Each row (or the vector) divided by its L2 norm; zero vectors stay zero."""
     norm = np.linalg.norm(x, axis=-1, keepdims=True)
-    return x / np.maximum(norm, eps)
+    normalized: np.ndarray = x / np.maximum(norm, eps)
+    return normalized
