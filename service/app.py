@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -107,7 +107,7 @@ def create_app(settings: Settings | None = None, *, model: LoadedModel | None = 
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
 
-    @app.get("/healthz", tags=["ops"])
+    @app.get("/healthz", tags=["ops"], responses={503: {"description": "the inference worker has stopped"}})
     async def healthz() -> JSONResponse:
         alive = state.engine is None or state.engine.alive
         return JSONResponse({"status": "ok" if alive else "worker_dead"}, status_code=200 if alive else 503)
@@ -118,7 +118,7 @@ def create_app(settings: Settings | None = None, *, model: LoadedModel | None = 
             raise NotReady("the model is not loaded and warmed up (or the worker stopped)")
         return JSONResponse({"status": "ready"})
 
-    @app.get("/metrics", tags=["ops"])
+    @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
     async def metrics_endpoint() -> Response:
         return Response(metrics.generate(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -175,7 +175,13 @@ async def _embeddings(request: Request, state: ServiceState) -> Response:
     try:
         jobs = await asyncio.gather(*(
             _decode_and_plan(state, data, i, resolved) for i, data in enumerate(parsed.images)))
-        results = await _wait_unless_disconnected(request, state.engine.submit(jobs, settings.request_timeout_s))
+        engine = state.engine
+        pending = engine.admit(jobs)
+        try:
+            results = await _wait_unless_disconnected(request, engine.result(pending, settings.request_timeout_s))
+        except (asyncio.CancelledError, ClientGone):
+            engine.abandon(pending, "client_gone")  # at once, before the worker forms its next batch
+            raise
     finally:
         metrics.inflight_requests.dec()
     metrics.images.inc(len(jobs))

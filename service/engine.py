@@ -165,20 +165,23 @@ class Engine:
 
     # ---- the event-loop side ---------------------------------------------------------------------
     async def submit(self, jobs: Sequence[ImageJob], timeout_s: float) -> list[ImageResult]:
-        """Admit, wait for the result; raises Overloaded, NotReady, DeadlineExceeded or InternalError."""
-        loop = asyncio.get_running_loop()
-        request = self._admit(jobs, loop)
+        """Admit, then wait for the result (see `admit` and `result`)."""
+        return await self.result(self.admit(jobs), timeout_s)
+
+    async def result(self, request: PendingRequest, timeout_s: float) -> list[ImageResult]:
+        """Wait for an admitted request; raises DeadlineExceeded, NotReady or InternalError."""
         try:
             return await asyncio.wait_for(asyncio.shield(request.future), timeout_s)
         except TimeoutError:
-            self._abandon(request, "deadline")
+            self.abandon(request, "deadline")
             raise DeadlineExceeded(f"the request did not finish within {timeout_s:g} s") from None
         except asyncio.CancelledError:
-            # The handler was cancelled (client went away): drop what has not run yet.
-            self._abandon(request, "client_gone")
+            self.abandon(request, "client_gone")
             raise
 
-    def _admit(self, jobs: Sequence[ImageJob], loop: asyncio.AbstractEventLoop) -> PendingRequest:
+    def admit(self, jobs: Sequence[ImageJob]) -> PendingRequest:
+        """Queue a request's images (on the event loop); raises Overloaded or NotReady at once."""
+        loop = asyncio.get_running_loop()
         crops = sum(len(job.views) for job in jobs)
         with self._cond:
             if self.dead is not None:
@@ -205,8 +208,8 @@ class Engine:
             return 1.0
         return queued_crops * self.counters.forward_seconds / self.counters.crops_run
 
-    def _abandon(self, request: PendingRequest, reason: str) -> None:
-        """Called on the event loop: the worker will drop this request's remaining crops."""
+    def abandon(self, request: PendingRequest, reason: str) -> None:
+        """On the event loop: the client stopped waiting; the worker drops this request's remaining crops."""
         if request.abandoned is None and not request.future.done():
             request.abandoned = reason
             request.future.cancel()
