@@ -32,7 +32,11 @@ class PolicyError(ValueError):
 
 @dataclass(frozen=True)
 class View:
-    """One augmented view: the box (top, left, height, width) in image pixels, output side, flip."""
+    """One augmented view: the box (top, left, height, width) in image pixels, output side, flip.
+
+    `centered` marks the classic central box: when the image is downscaled once, its offset is
+    recomputed on the smaller image the way Resize → CenterCrop does, so it lands on the same pixels.
+    """
 
     top: int
     left: int
@@ -40,6 +44,7 @@ class View:
     width: int
     size: int
     flip: bool
+    centered: bool = False
 
 
 def _center_box(height: int, width: int, preprocess: Preprocess) -> tuple[int, int, int, int]:
@@ -60,7 +65,7 @@ class CenterPolicy:
         if samples != 1:
             raise PolicyError("the center policy makes exactly one view: samples must be 1")
         top, left, box_h, box_w = _center_box(height, width, preprocess)
-        return [View(top, left, box_h, box_w, preprocess.input_size, False)]
+        return [View(top, left, box_h, box_w, preprocess.input_size, False, centered=True)]
 
 
 @dataclass(frozen=True)
@@ -135,7 +140,7 @@ class MultiscalePolicy:
         for s in range(samples):
             cycle, index = divmod(s, len(self.scales))
             size = max(1, round(self.scales[index] * preprocess.input_size))
-            views.append(View(top, left, box_h, box_w, size, cycle % 2 == 1))
+            views.append(View(top, left, box_h, box_w, size, cycle % 2 == 1, centered=True))
         return views
 
 
@@ -194,15 +199,23 @@ def shrink_for_views(image: torch.Tensor, views: list[View], preprocess: Preproc
     factor = max(view.size / min(view.height, view.width) for view in views)
     if factor >= _SHRINK_WORTH_IT:
         return image, views
-    new_h, new_w = max(1, round(height * factor)), max(1, round(width * factor))
+    # Shorter side first, the longer one as torchvision's Resize(int) derives it (truncated).
+    short, long = min(height, width), max(height, width)
+    new_short = max(1, round(short * factor))
+    new_long = max(1, int(new_short * long / short))
+    new_h, new_w = (new_short, new_long) if height <= width else (new_long, new_short)
     small = TF.resize(image, [new_h, new_w], interpolation=_interpolation(preprocess), antialias=True)
     sy, sx = new_h / height, new_w / width
+    scale = new_short / short  # one scale for box sides keeps square boxes square
     mapped = []
     for view in views:
-        top, left = min(new_h - 1, round(view.top * sy)), min(new_w - 1, round(view.left * sx))
-        box_h = max(1, min(new_h - top, round(view.height * sy)))
-        box_w = max(1, min(new_w - left, round(view.width * sx)))
-        mapped.append(View(top, left, box_h, box_w, view.size, view.flip))
+        box_h = max(1, min(new_h, round(view.height * scale)))
+        box_w = max(1, min(new_w, round(view.width * scale)))
+        if view.centered:  # CenterCrop's own rounding on the resized image
+            top, left = round((new_h - box_h) / 2), round((new_w - box_w) / 2)
+        else:
+            top, left = min(new_h - box_h, round(view.top * sy)), min(new_w - box_w, round(view.left * sx))
+        mapped.append(View(top, left, box_h, box_w, view.size, view.flip, view.centered))
     return small, mapped
 
 

@@ -10,6 +10,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import httpx
 
@@ -27,6 +28,7 @@ class ServerProcess:
     process: subprocess.Popen[bytes]
     url: str
     log_path: Path
+    log_file: IO[bytes]
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -41,6 +43,8 @@ class ServerProcess:
             self.process.kill()
             self.process.wait(10)
             raise AssertionError(f"server did not exit within {timeout} s of SIGTERM\n{self.log()}") from None
+        finally:
+            self.log_file.close()
 
 
 def start_server(log_dir: Path, *args: str, ready_timeout: float = 180.0,
@@ -48,12 +52,13 @@ def start_server(log_dir: Path, *args: str, ready_timeout: float = 180.0,
     """`python -m service --port P ARGS...`; returns once /readyz says 200."""
     port = free_port()
     log_path = log_dir / f"metta-serve-{port}.log"
+    log_file = log_path.open("wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port), *args],
-        cwd=REPO, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
+        cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
-    server = ServerProcess(process, f"http://127.0.0.1:{port}", log_path)
+    server = ServerProcess(process, f"http://127.0.0.1:{port}", log_path, log_file)
     deadline = time.monotonic() + ready_timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:

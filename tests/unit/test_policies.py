@@ -83,8 +83,9 @@ def test_center_embeds_like_classic_pipeline(sample_labels: list) -> None:
     """The service's center view embeds like torchvision's Resize(256) → CenterCrop(224) on PIL."""
     model = create_model("efficientnet_lite0")
     pre = model.spec.preprocess
-    classic = transforms.Compose([transforms.Resize(pre.resize_size), transforms.CenterCrop(pre.input_size),
-                                  transforms.PILToTensor()])
+    interpolation = transforms.InterpolationMode(pre.interpolation)
+    classic = transforms.Compose([transforms.Resize(pre.resize_size, interpolation),
+                                  transforms.CenterCrop(pre.input_size), transforms.PILToTensor()])
     for path, _ in sample_labels[:8]:
         pil = Image.open(path).convert("RGB")
         image = torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1).contiguous()
