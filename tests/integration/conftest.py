@@ -13,11 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from models import LoadedModel, create_model
+from models import LoadedModel, ModelOptions, create_model
 from service.app import create_app
 from service.settings import Settings
 
-TEST_SETTINGS = {"model": "dummy", "threads": 1, "decode_workers": 2, "default_samples": 4}
+TEST_SETTINGS = {"model": "dummy", "mode": "eager", "threads": 1, "decode_workers": 2, "default_samples": 4}
 
 
 @pytest.fixture
@@ -53,7 +53,7 @@ class ControlledModel:
     """Wraps the dummy model's forward: counts calls and crops, can block, can fail on chosen calls."""
 
     def __init__(self) -> None:
-        self.inner = create_model("dummy")
+        self.inner = create_model("dummy", ModelOptions(mode="eager"))
         self.calls = 0
         self.crops = 0
         self.gate = threading.Event()

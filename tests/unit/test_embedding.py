@@ -13,7 +13,7 @@ from service.policies import CropFlipPolicy, PolicyError, render_view
 
 @pytest.fixture(scope="module")
 def dummy():
-    return create_model("dummy")
+    return create_model("dummy", ModelOptions(mode="eager"))  # compiling would cost more than it saves
 
 
 def image(seed: int, height: int = 150, width: int = 200) -> torch.Tensor:
