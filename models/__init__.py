@@ -9,6 +9,7 @@ from models.registry import (
     available_models,
     create_model,
     register,
+    register_prefix,
 )
 
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "available_models",
     "create_model",
     "register",
+    "register_prefix",
 ]

@@ -67,7 +67,9 @@ class BuiltBackbone:
 
 
 Factory = Callable[[ModelOptions], BuiltBackbone]
+PrefixFactory = Callable[[str, ModelOptions], BuiltBackbone]
 _REGISTRY: dict[str, Factory] = {}
+_PREFIXES: dict[str, PrefixFactory] = {}
 
 
 def register(name: str) -> Callable[[Factory], Factory]:
@@ -82,6 +84,18 @@ def register(name: str) -> Callable[[Factory], Factory]:
     return wrap
 
 
+def register_prefix(prefix: str) -> Callable[[PrefixFactory], PrefixFactory]:
+    """Register a family addressed as `prefix:<architecture>` (e.g. `timm:resnet50`)."""
+
+    def wrap(factory: PrefixFactory) -> PrefixFactory:
+        if prefix in _PREFIXES:
+            raise ModelError(f"model prefix {prefix!r} is registered twice")
+        _PREFIXES[prefix] = factory
+        return factory
+
+    return wrap
+
+
 def available_models() -> list[str]:
     _load_builtin_families()
     return sorted(_REGISTRY)
@@ -91,10 +105,15 @@ def create_model(name: str, options: ModelOptions | None = None) -> LoadedModel:
     """Build a registered model, ready to embed uint8 views on `options.device`."""
     options = options or ModelOptions()
     _load_builtin_families()
-    factory = _REGISTRY.get(name)
-    if factory is None:
-        raise ModelError(f"unknown model {name!r}; known models: {', '.join(available_models())}")
-    built = factory(options)
+    prefix, _, arch = name.partition(":")
+    if name in _REGISTRY:
+        built = _REGISTRY[name](options)
+    elif arch and prefix in _PREFIXES:
+        built = _PREFIXES[prefix](arch, options)
+    else:
+        families = ", ".join(f"'{p}:<name>'" for p in sorted(_PREFIXES))
+        raise ModelError(f"unknown model {name!r}; known models: {', '.join(available_models())}; "
+                         f"or any architecture of {families}")
     from models.execution import compile_backbone  # execution engines live in their own module
 
     return compile_backbone(built, options)
