@@ -77,6 +77,8 @@ def create_app(settings: Settings | None = None, *, model: LoadedModel | None = 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # A fresh pool per lifespan: the previous one is shut down when a lifespan ends (tests restart apps).
+        state.decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="metta-decode")
         loaded = model if model is not None else await asyncio.to_thread(load_model, settings)
         state.model = loaded
         metrics.model_info.labels(loaded.name, loaded.fingerprint, str(loaded.dim), str(loaded.device),
@@ -176,7 +178,7 @@ async def _embeddings(request: Request, state: ServiceState) -> Response:
         jobs = await asyncio.gather(*(
             _decode_and_plan(state, data, i, resolved) for i, data in enumerate(parsed.images)))
         engine = state.engine
-        pending = engine.admit(jobs)
+        pending = engine.admit(jobs, settings.request_timeout_s)
         try:
             results = await _wait_unless_disconnected(request, engine.result(pending, settings.request_timeout_s))
         except (asyncio.CancelledError, ClientGone):
@@ -250,6 +252,8 @@ def _reply(model: LoadedModel, resolved: ResolvedOptions, results: list[ImageRes
         entry: dict[str, object] = {"index": index, "embedding": _encode(result.embedding, resolved.encoding)}
         if result.variance is not None:
             entry["variance"] = _encode(result.variance, resolved.encoding)
+        if result.dispersion is not None:
+            entry["dispersion"] = result.dispersion
         data.append(entry)
     reply = {
         "model": model.name, "model_fingerprint": model.fingerprint, "dim": model.dim,
@@ -312,7 +316,9 @@ class BodyLimitMiddleware:
     """Refuse bodies over max_body_bytes with 413 — by Content-Length at once, else while streaming.
 
     Streaming bodies are counted as they arrive and reading stops at the limit, so an oversized
-    body is never buffered whole.
+    body is never buffered whole. A reply sent before its request's body was read to the end (413,
+    408, 401, 415, ...) says `Connection: close`, so the server drops the connection instead of
+    reading and discarding the rest (a 200 MB upload after a 413, a byte-a-second trickle after a 408).
     """
 
     def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
@@ -324,22 +330,40 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         limit = self.max_body_bytes
-        for name, value in scope.get("headers", []):
-            if name == b"content-length" and value.isdigit() and int(value) > limit:
-                await _error_response(_too_large(limit))(scope, receive, send)
-                return
+        headers = dict(scope.get("headers", []))
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > limit:
+            await _error_response(_too_large(limit))(scope, receive, _closing(send))
+            return
         received = 0
+        body_pending = (length.isdigit() and int(length) > 0) or b"transfer-encoding" in headers
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, body_pending
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    body_pending = False
                 if received > limit:
                     raise _too_large(limit)
             return message
 
-        await self.app(scope, limited_receive, send)
+        async def send_closing_if_unread(message: Message) -> None:
+            if message["type"] == "http.response.start" and body_pending:
+                message["headers"] = [*message.get("headers", []), (b"connection", b"close")]
+            await send(message)
+
+        await self.app(scope, limited_receive, send_closing_if_unread)
+
+
+def _closing(send: Send) -> Send:
+    async def send_closing(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", []), (b"connection", b"close")]
+        await send(message)
+
+    return send_closing
 
 
 def _too_large(limit: int) -> PayloadTooLarge:

@@ -21,7 +21,8 @@ _NOT_FLAGS = {"api_keys"}  # secrets come from the environment or a file, never 
 
 def _settings_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """One flag per settings field: --max-batch-crops maps onto Settings.max_batch_crops, and so on."""
-    parser = argparse.ArgumentParser(prog=prog, description=description,
+    # allow_abbrev=False: otherwise `--api-keys SECRET` would be read as `--api-keys-file SECRET`
+    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
                                      epilog="Every flag can also be set as METTA_<NAME> in the environment.")
     for name, field in Settings.model_fields.items():
         if name in _NOT_FLAGS:
@@ -87,9 +88,14 @@ def main(argv: list[str] | None = None) -> None:
     embed_cmd.add_argument("--model", default=None)
     embed_cmd.add_argument("--mode", default=None, help="execution engine: auto|eager|torchscript|openvino")
     embed_cmd.add_argument("--device", default=None)
+    from service.evaluate import add_eval_command, eval_command
+
+    add_eval_command(commands)
     args = parser.parse_args(argv)
     if args.command == "embed":
         _embed_command(args)
+    elif args.command == "eval":
+        eval_command(args)
 
 
 def _embed_command(args: argparse.Namespace) -> None:

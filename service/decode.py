@@ -45,6 +45,10 @@ def decode_image(data: bytes, *, max_pixels: int, max_side: int, label: str = "i
         ) from exc
     except (OSError, ValueError, SyntaxError, EOFError) as exc:  # truncated or corrupt data
         raise InvalidImage(f"{label} could not be decoded (truncated or corrupt)") from exc
+    except MemoryError:
+        raise
+    except Exception as exc:  # Pillow's parsers raise others on crafted files (fuzzing found a TypeError in TIFF)
+        raise InvalidImage(f"{label} could not be decoded (malformed)") from exc
     array = np.asarray(rgb, dtype=np.uint8)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
@@ -68,7 +72,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
         grey = np.clip(np.rint(values * (255.0 / peak)), 0, 255).astype(np.uint8)
         return Image.fromarray(grey).convert("RGB")
     if mode == "F":
-        grey = np.clip(np.rint(np.asarray(image, dtype=np.float64)), 0, 255).astype(np.uint8)
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        grey = np.clip(np.rint(values), 0, 255).astype(np.uint8)  # NaN/inf in float TIFFs: no garbage bytes
         return Image.fromarray(grey).convert("RGB")
     if mode == "P":
         image = image.convert("RGBA") if "transparency" in image.info else image.convert("RGB")

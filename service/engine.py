@@ -2,10 +2,10 @@
 
 Requests arrive already decoded and planned (a list of `ImageJob`s). Admission is bounded in
 crops (429 past `max_queue_crops`). The worker takes up to `max_batch_crops` crops per batch,
-at most `chunk_crops` from each queued request per turn, round-robin, so a huge request never holds
-small ones behind it for its whole duration. Each request has exactly one outcome: its result, or
-one error, delivered on the event loop; a request that was abandoned (deadline, client gone) has
-its remaining crops dropped before they run.
+at most `chunk_crops` from each queued request per turn, round-robin (turns repeat while the batch
+has room), so a huge request never holds small ones behind it for its whole duration. Each request
+has exactly one outcome: its result, or one error, delivered on the event loop; a request that was
+abandoned (deadline, client gone) has its remaining crops dropped before they run.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ class EngineCounters:
     crops_run: int = 0
     forward_seconds: float = 0.0
     crops_dropped: int = 0
+    seconds_per_crop: float | None = None  # moving average of batch wall time (render + forward) per crop
     batch_members: list[tuple[int, ...]] = field(default_factory=list)  # request ids per batch (last 1000)
 
 
@@ -120,6 +121,7 @@ class Engine:
         self.dead: BaseException | None = None
         self._thread = threading.Thread(target=self._worker, name="metta-inference", daemon=True)
         metrics.max_queue_crops.set(config.max_queue_crops)
+        metrics.max_batch_crops.set(config.max_batch_crops)
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def __aenter__(self) -> Engine:
@@ -179,8 +181,12 @@ class Engine:
             self.abandon(request, "client_gone")
             raise
 
-    def admit(self, jobs: Sequence[ImageJob]) -> PendingRequest:
-        """Queue a request's images (on the event loop); raises Overloaded or NotReady at once."""
+    def admit(self, jobs: Sequence[ImageJob], timeout_s: float | None = None) -> PendingRequest:
+        """Queue a request's images (on the event loop); raises Overloaded or NotReady at once.
+
+        With `timeout_s`, a request that the queue ahead of it would surely push past its deadline (at
+        the speed measured so far) is refused now with 429, instead of computing crops nobody will get.
+        """
         loop = asyncio.get_running_loop()
         crops = sum(len(job.views) for job in jobs)
         with self._cond:
@@ -195,6 +201,14 @@ class Engine:
                 raise Overloaded(
                     f"the queue is full ({queued} of {self.config.max_queue_crops} crops queued);"
                     " retry later", headers={"Retry-After": str(retry_after)})
+            expected_s = self._estimated_wait_s(queued + crops)
+            if timeout_s is not None and self.counters.seconds_per_crop is not None and expected_s > timeout_s:
+                self.metrics.rejected.labels("overloaded").inc()
+                retry_after = max(1, round(self._estimated_wait_s(queued)))
+                raise Overloaded(
+                    f"the queue ahead ({queued} crops) and this request ({crops} crops) would take about"
+                    f" {expected_s:.0f} s, past the {timeout_s:g} s deadline; retry later",
+                    headers={"Retry-After": str(retry_after)})
             request = PendingRequest(next(self._ids), jobs, loop.create_future(), loop)
             self._queue.append(request)
             self._running[request.id] = request
@@ -203,10 +217,9 @@ class Engine:
         return request
 
     def _estimated_wait_s(self, queued_crops: int) -> float:
-        """How long the queue takes to drain at the speed seen so far (for Retry-After)."""
-        if self.counters.crops_run == 0:
-            return 1.0
-        return queued_crops * self.counters.forward_seconds / self.counters.crops_run
+        """How long `queued_crops` take at the speed measured lately (1 s before anything ran)."""
+        per_crop = self.counters.seconds_per_crop
+        return 1.0 if per_crop is None else queued_crops * per_crop
 
     def abandon(self, request: PendingRequest, reason: str) -> None:
         """On the event loop: the client stopped waiting; the worker drops this request's remaining crops."""
@@ -253,12 +266,18 @@ class Engine:
             members: list[PendingRequest] = []
             room = config.max_batch_crops
             served: list[PendingRequest] = []
-            while room > 0 and self._queue:
+            while room > 0 and (self._queue or served):
+                if not self._queue:
+                    # Every queued request had its turn and there is still room (a lone request, say):
+                    # another round, so a batch is never sent out part-empty while crops wait.
+                    self._queue.extend(served)
+                    served = []
                 request = self._queue.popleft()
                 taken = request.take(min(room, config.chunk_crops))
                 room -= sum(len(chunk.views) for chunk in taken)
                 chunks += taken
-                members.append(request)
+                if request not in members:
+                    members.append(request)
                 if request.unhanded > 0:
                     served.append(request)  # back of the line: round-robin
             self._queue.extend(served)
@@ -286,6 +305,7 @@ class Engine:
 
     def _run_batch(self, chunks: list[Chunk], members: list[PendingRequest]) -> None:
         crops = sum(len(chunk.views) for chunk in chunks)
+        started = time.perf_counter()
         try:
             times = self._run_with_oom_retry(chunks)
         except Exception as exc:  # a failing forward fails exactly this batch's requests
@@ -300,6 +320,10 @@ class Engine:
         self.counters.batches += 1
         self.counters.crops_run += crops
         self.counters.forward_seconds += times.forward
+        per_crop = (time.perf_counter() - started) / crops
+        previous = self.counters.seconds_per_crop
+        # A short memory (the last ~10 batches): the speed changes with S, image sizes and machine load.
+        self.counters.seconds_per_crop = per_crop if previous is None else 0.9 * previous + 0.1 * per_crop
         self.counters.batch_members.append(tuple(r.id for r in members))
         del self.counters.batch_members[:-1000]
         self.metrics.crops.inc(crops)

@@ -60,6 +60,8 @@ class Metrics:
             "metta_batch_requests", "Requests sharing one batch.", buckets=_BATCH_REQUESTS_BUCKETS, registry=r)
         self.queue_crops = Gauge("metta_queue_crops", "Crops admitted and not yet computed.", registry=r)
         self.max_queue_crops = Gauge("metta_max_queue_crops", "The queue's bound (max_queue_crops).", registry=r)
+        self.max_batch_crops = Gauge("metta_max_batch_crops", "The batch size bound (max_batch_crops).",
+                                     registry=r)
         self.inflight_requests = Gauge("metta_inflight_requests", "Requests admitted, not yet answered.",
                                        registry=r)
         self.requests = Counter("metta_requests", "Requests answered, by endpoint and status code.",

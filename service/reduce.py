@@ -21,6 +21,7 @@ class RunningStats:
         self.count = 0
         self.mean = np.zeros(dim, dtype=np.float64)
         self.m2 = np.zeros(dim, dtype=np.float64)
+        self.unit_sum = np.zeros(dim, dtype=np.float64)  # Σ of the L2-normalised views, for `dispersion`
 
     def add(self, views: np.ndarray) -> None:
         """Merge a chunk of view embeddings, shape (n, dim)."""
@@ -36,6 +37,7 @@ class RunningStats:
         delta = chunk_mean - self.mean
         self.mean = self.mean + delta * (n / total)
         self.m2 = self.m2 + chunk_m2 + delta**2 * (self.count * n / total)
+        self.unit_sum = self.unit_sum + l2_normalize(views).sum(axis=0)
         self.count = total
 
     def variance(self) -> np.ndarray:
@@ -44,6 +46,23 @@ class RunningStats:
             raise ReduceError("variance needs at least 2 views (samples >= 2)")
         variance: np.ndarray = self.m2 / (self.count - 1)
         return variance
+
+    def dispersion(self) -> float:
+        """1 − the mean pairwise cosine of the views: 0 when they agree; see `dispersion`."""
+        if self.count < 2:
+            raise ReduceError("dispersion needs at least 2 views (samples >= 2)")
+        return float(dispersion(self.unit_sum, self.count))
+
+
+def dispersion(unit_sum: np.ndarray, count: int) -> np.ndarray:
+    """1 − mean pairwise cosine of `count` unit vectors whose sum is `unit_sum` (last axis).
+
+    Σ_{s≠t} u_s·u_t = ‖Σ u‖² − S, so the mean over the S(S−1) ordered pairs needs only the running sum.
+    A label-free uncertainty score (docs/quality.md: best of those tried for flagging retrieval misses).
+    """
+    pairwise = (np.square(unit_sum).sum(axis=-1) - count) / (count * (count - 1))
+    result: np.ndarray = 1.0 - pairwise
+    return result
 
 
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:

@@ -76,7 +76,7 @@ def _parse_json(body: bytes, settings: Settings) -> ParsedRequest:
         raise InvalidRequest("the request body is empty")
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: "[[[[…" nested too deep
         raise InvalidRequest("the body is not valid JSON") from None
     if not isinstance(data, dict):
         raise InvalidRequest("the JSON body must be an object with an 'images' list")
@@ -111,6 +111,8 @@ def decode_base64(text: str, index: int) -> bytes:
 
 
 async def _parse_multipart(request: Request, settings: Settings) -> ParsedRequest:
+    if request.headers.get("content-length") == "0":  # as for JSON: an empty body is a bad request, not a form
+        raise InvalidRequest("the request body is empty")
     try:
         form = await request.form(
             max_files=settings.max_images + 1, max_fields=64, max_part_size=settings.max_body_bytes)
@@ -164,11 +166,13 @@ def resolve_options(options: EmbedOptionsIn, settings: Settings, model_name: str
         raise InvalidOption(f"samples: at most {settings.max_samples}, got {samples}")
     if options.return_variance and samples < 2:
         raise InvalidOption("return_variance: needs samples >= 2 (variance of one view is undefined)")
+    if options.return_dispersion and samples < 2:
+        raise InvalidOption("return_dispersion: needs samples >= 2 (one view has no dispersion)")
     if n_images * samples > settings.max_request_crops:
         raise PayloadTooLarge(
             f"{n_images} images x {samples} samples = {n_images * samples} crops; "
             f"at most {settings.max_request_crops} per request")
     seed = options.seed if options.seed is not None else secrets.randbelow(MAX_SEED + 1)
     embed = EmbedOptions(samples, make_policy(policy_name), seed, options.return_variance, options.normalize,
-                         options.view_normalize)
+                         options.view_normalize, options.return_dispersion)
     return ResolvedOptions(embed, options.encoding)

@@ -25,6 +25,8 @@ class EmbedOptionsIn(BaseModel):
     return_variance: bool = Field(False, description="per-dimension unbiased variance over the views (S >= 2)")
     normalize: bool = Field(False, description="L2-normalise the final mean")
     view_normalize: bool = Field(False, description="L2-normalise each view before averaging")
+    return_dispersion: bool = Field(
+        False, description="1 − mean pairwise cosine of the views: a label-free uncertainty score (S >= 2)")
     encoding: EncodingField = Field("float", description="base64: little-endian float32 strings")
     model: str | None = Field(None, description="model name (default: the server's default)")
 
@@ -40,6 +42,7 @@ class EmbeddingData(BaseModel):
     index: int
     embedding: list[float] | str
     variance: list[float] | str | None = None
+    dispersion: float | None = None
 
 
 class Usage(BaseModel):
@@ -83,7 +86,7 @@ class ModelsResponse(BaseModel):
 
 
 _BOOL_WORDS = {"true": True, "1": True, "false": False, "0": False}
-_INT_RE = re.compile(r"[+-]?\d{1,30}")
+_INT_RE = re.compile(r"[+-]?[0-9]{1,30}")  # ASCII digits only (\d would take "٣")
 
 
 def parse_form_options(fields: dict[str, str]) -> EmbedOptionsIn:
@@ -134,7 +137,7 @@ def openapi_request_body() -> dict[str, Any]:
         "images": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1},
     }
     for name, schema in options.items():
-        form_properties[name] = {k: v for k, v in schema.items() if k != "default"}
+        form_properties[name] = _form_field(schema)
     return {
         "required": True,
         "content": {
@@ -144,3 +147,14 @@ def openapi_request_body() -> dict[str, Any]:
             },
         },
     }
+
+
+def _form_field(schema: dict[str, Any]) -> dict[str, Any]:
+    """A JSON option's schema as a form field: no default, and no null (a form omits the field instead)."""
+    field = {k: v for k, v in schema.items() if k not in ("default", "anyOf")}
+    alternatives = [s for s in schema.get("anyOf", []) if s.get("type") != "null"]
+    if len(alternatives) == 1:
+        field.update(alternatives[0])
+    elif alternatives:
+        field["anyOf"] = alternatives
+    return field

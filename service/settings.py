@@ -55,8 +55,9 @@ class Settings(BaseSettings):
     decode_workers: int = Field(default_factory=available_cpus, ge=1, description="image decode threads")
 
     # Batching (counted in crops: one request brings images × samples of them)
-    max_batch_crops: int = Field(16, ge=1)
-    chunk_crops: int = Field(8, ge=1, description="crops one request may put in a batch per turn (fairness)")
+    # Defaults from the sweep in docs/benchmarks.md (2-core CPU, OpenVINO): one S=32 request is one forward.
+    max_batch_crops: int = Field(32, ge=1)
+    chunk_crops: int = Field(16, ge=1, description="crops one request may put in a batch per turn (fairness)")
     max_wait_ms: float = Field(0.0, ge=0, description="wait for more work only while others are queued")
     max_queue_crops: int = Field(2048, ge=1)
     max_request_crops: int = Field(1024, ge=1)
@@ -71,9 +72,11 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(30.0, gt=0, description="time allowed to receive a whole request body")
     shutdown_grace_s: float = Field(30.0, ge=0, description="SIGTERM: time to finish in-flight work")
 
-    # Defaults for requests that do not say
-    default_samples: int = Field(8, ge=1)
-    default_policy: Literal["center", "crop_flip", "multiscale"] = "crop_flip"
+    # Defaults for requests that do not say. Chosen for search and matching (docs/quality.md): multi-resolution
+    # S=3 gave the best near-duplicate recall@1 for 1.75x the pixels of one view; classification users
+    # should ask for crop_flip with S >= 4.
+    default_samples: int = Field(3, ge=1)
+    default_policy: Literal["center", "crop_flip", "multiscale"] = "multiscale"
 
     # Auth: keys come from the environment (METTA_API_KEYS, comma-separated) or a file, one per line.
     api_keys: SecretStr | None = Field(None, description="env only, never a CLI flag")

@@ -49,17 +49,22 @@ def counter(metrics: str, name: str) -> float:
 
 def test_real_photos_both_encodings_seeds_and_metta_vs_center(server: ServerProcess, photos: list[bytes]) -> None:
     files = [("images", (f"{i}.jpg", p, "image/jpeg")) for i, p in enumerate(photos)]
-    multipart = httpx.post(f"{server.url}/v1/embeddings", files=files, data={"samples": "8", "seed": "1"},
-                           timeout=120)
+    multipart = httpx.post(f"{server.url}/v1/embeddings", files=files,
+                           data={"samples": "8", "seed": "1", "policy": "crop_flip"}, timeout=120)
     assert multipart.status_code == 200, multipart.text
     a = multipart.json()
     assert a["model"] == "efficientnet_lite0" and a["dim"] == 1280
     assert [len(d["embedding"]) for d in a["data"]] == [1280] * 3
 
-    same = embed_json(server, photos, samples=8, seed=1)
+    same = embed_json(server, photos, samples=8, seed=1, policy="crop_flip")
     assert same["data"] == a["data"]  # same seed, other encoding: the same reply
-    other = embed_json(server, photos, samples=8, seed=2)
+    other = embed_json(server, photos, samples=8, seed=2, policy="crop_flip")
     assert all(cosine(x["embedding"], y["embedding"]) < 0.9999 for x, y in zip(a["data"], other["data"], strict=True))
+
+    # The default (docs/quality.md): multi-resolution, S=3 — a fixed set of views, so the seed does not matter.
+    default = embed_json(server, photos, seed=1)
+    assert (default["policy"], default["samples"]) == ("multiscale", 3)
+    assert embed_json(server, photos, seed=2)["data"] == default["data"]
 
     metta = embed_json(server, photos, samples=16, seed=3, policy="crop_flip")
     center = embed_json(server, photos, policy="center")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -17,7 +18,8 @@ from models import LoadedModel, ModelOptions, create_model
 from service.app import create_app
 from service.settings import Settings
 
-TEST_SETTINGS = {"model": "dummy", "mode": "eager", "threads": 1, "decode_workers": 2, "default_samples": 4}
+TEST_SETTINGS = {"model": "dummy", "mode": "eager", "threads": 1, "decode_workers": 2, "default_samples": 4,
+                 "default_policy": "crop_flip"}
 
 
 @pytest.fixture
@@ -60,6 +62,7 @@ class ControlledModel:
         self.gate.set()
         self.entered = threading.Event()
         self.fail_on: Callable[[int], BaseException | None] = lambda call: None
+        self.seconds_per_crop = 0.0  # a slower device, for deadline-aware admission
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
@@ -69,6 +72,7 @@ class ControlledModel:
         if error is not None:
             raise error
         self.crops += x.shape[0]
+        time.sleep(self.seconds_per_crop * x.shape[0])
         return self.inner._run(x)
 
     def loaded(self) -> LoadedModel:

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from service.decode import decode_image
+from service.embedding import embed
 from tests.integration.conftest import png_bytes, serve
 
 pytestmark = pytest.mark.anyio
@@ -79,6 +81,22 @@ async def test_options_variance_normalize_encoding_and_defaults() -> None:
         assert multi["policy"] == "multiscale" and multi["usage"]["crops"] == 3
 
 
+async def test_dispersion_is_the_library_value_and_only_when_asked() -> None:
+    async with serve() as client:
+        reply = (await client.post("/v1/embeddings", json={
+            "images": [b64(png_bytes(4)), b64(png_bytes(5))], "samples": 6, "seed": 9, "return_dispersion": True,
+        })).json()
+        plain = (await client.post("/v1/embeddings", json={"images": [b64(png_bytes(4))], "seed": 9})).json()
+        model = client.app.state.metta.model  # type: ignore[attr-defined]
+    assert "dispersion" not in plain["data"][0]
+    images = [decode_image(png_bytes(seed), max_pixels=10**7, max_side=10**4) for seed in (4, 5)]
+    expected = embed(model, images, samples=6, policy="crop_flip", seed=9, return_dispersion=True).dispersions
+    assert expected is not None
+    got = [entry["dispersion"] for entry in reply["data"]]
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    assert all(0.0 < value < 2.0 for value in got)
+
+
 async def test_data_url_prefix_and_odd_images_are_accepted() -> None:
     async with serve() as client:
         url = "data:image/png;base64," + b64(png_bytes(2))
@@ -128,6 +146,8 @@ async def test_models_health_ready_metrics_and_openapi() -> None:
         ({"images": [b64(png_bytes())], "model": "resnet9000"}, 422, "invalid_option", "dummy"),
         ({"images": [b64(png_bytes())], "normalize": "maybe"}, 422, "invalid_option", "normalize"),
         ({"images": [b64(png_bytes())], "samples": 1, "return_variance": True}, 422, "invalid_option", "variance"),
+        ({"images": [b64(png_bytes())], "policy": "center", "return_dispersion": True}, 422, "invalid_option",
+         "dispersion"),
         ({"images": [b64(png_bytes())], "policy": "center", "samples": 4}, 422, "invalid_option", "center"),
         ({"images": [b64(png_bytes())], "colour": "blue"}, 422, "invalid_option", "unknown option"),
         ({"samples": 2}, 422, "invalid_option", "images"),

@@ -170,3 +170,21 @@ def test_corrupted_real_images_never_escape_as_other_errors(noise: bytes, offset
     data[offset : offset + len(noise)] = noise
     with contextlib.suppress(InvalidImage, PayloadTooLarge):  # anything else fails the test
         decode_image(bytes(data), **LIMITS)
+
+
+def test_float_tiff_with_nan_and_infinity_gives_defined_pixels() -> None:
+    values = np.full((4, 4), np.nan, np.float32)
+    values[0, 0], values[1, 1], values[2, 2] = np.inf, -np.inf, 100.4
+    decoded = as_hwc(decode_image(encode(Image.fromarray(values, "F"), "TIFF"), **LIMITS))
+    assert decoded[0, 0, 0] == 255 and decoded[2, 2, 0] == 100
+    assert (decoded[1, 1] == 0).all() and (decoded[3, 3] == 0).all()  # NaN → 0, not whatever the cast gives
+
+
+def test_any_other_parser_error_is_an_invalid_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    """atheris found a crafted TIFF on which Pillow raises TypeError in load(); it must be a 400, not a 500."""
+    def broken(image: Image.Image) -> Image.Image:
+        raise TypeError("'float' object cannot be interpreted as an integer")
+
+    monkeypatch.setattr("service.decode.ImageOps.exif_transpose", broken)
+    with pytest.raises(InvalidImage, match="malformed"):
+        decode_image(encode(Image.fromarray(gradient()), "TIFF"), **LIMITS)

@@ -40,3 +40,26 @@ def test_variance_needs_two_views_and_shapes_are_checked() -> None:
 def test_l2_normalize_rows_and_zero_vector() -> None:
     x = np.array([[3.0, 4.0], [0.0, 0.0]])
     np.testing.assert_allclose(l2_normalize(x), [[0.6, 0.8], [0.0, 0.0]])
+
+
+@pytest.mark.parametrize("chunk", [6, 4, 1])
+def test_dispersion_is_one_minus_the_mean_pairwise_cosine_for_any_chunking(chunk: int) -> None:
+    views = np.random.default_rng(3).normal(1.0, 1.0, size=(6, 16))
+    stats = RunningStats(16)
+    for start in range(0, 6, chunk):
+        stats.add(views[start : start + chunk])
+    unit = l2_normalize(views)
+    cosines = unit @ unit.T
+    pairwise = cosines[~np.eye(6, dtype=bool)].mean()
+    assert stats.dispersion() == pytest.approx(1.0 - pairwise, abs=1e-12)
+
+
+def test_dispersion_is_zero_for_agreeing_views_and_needs_two() -> None:
+    stats = RunningStats(4)
+    stats.add(np.array([[1.0, 2.0, 0.0, 0.0]]))
+    with pytest.raises(ReduceError, match="2 views"):
+        stats.dispersion()
+    stats.add(np.array([[3.0, 6.0, 0.0, 0.0]]))  # the same direction, another length
+    assert stats.dispersion() == pytest.approx(0.0, abs=1e-12)
+    stats.add(np.array([[-1.0, -2.0, 0.0, 0.0]]))  # the opposite direction
+    assert stats.dispersion() == pytest.approx(1.0 - (1 - 1 - 1) / 3, abs=1e-12)
