@@ -1,0 +1,165 @@
+"""The accelerator check behind bench/gpu.sh: R, the service at S ∈ {1, 8, 32}, a device-vs-CPU cosine check.
+
+On a CUDA machine: R (eager and eager channels_last × fp32/bf16/fp16 × batches) and metta-serve for
+the default model and resnet50 (random weights), then the default model's mean embeddings on the GPU
+against the CPU reference (fp32 must reach cosine ≥ 0.999; bf16 is reported). Without CUDA the same
+steps run on the CPU with a smaller grid, and the cosine check compares the CPU's OpenVINO engine
+(fp32 and bf16) with eager fp32. One JSON (and the log that bench/gpu.sh tees) under $OUT.
+
+    PYTHONPATH=. python -m bench.gpu_check --out "$OUT"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench.raw_limit import measure
+from bench.servers import REPO
+
+MODELS = (("efficientnet_lite0", False), ("resnet50", True))  # (name, random weights)
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def cosine_check(device: str, photos: list[bytes], samples: int = 8) -> dict[str, Any]:
+    """Mean embeddings (crop_flip, S views, seed 0) on `device` against the CPU fp32 reference."""
+    from models import ModelOptions, create_model
+    from service.decode import decode_image
+    from service.embedding import embed
+
+    if photos:
+        images = [decode_image(p, max_pixels=40_000_000, max_side=12_000) for p in photos]
+    else:  # no sample photos: smooth random images still exercise every step
+        gen = torch.Generator().manual_seed(0)
+        images = [torch.nn.functional.interpolate(torch.rand(1, 3, 24, 32, generator=gen), size=(375, 500),
+                                                  mode="bilinear")[0].mul(255).to(torch.uint8) for _ in range(8)]
+    reference_mode = "eager" if device == "cpu" else "auto"
+    reference = embed(create_model("efficientnet_lite0", ModelOptions(device="cpu", mode=reference_mode)),
+                      images, samples=samples, policy="crop_flip", seed=0).embeddings
+    out: dict[str, Any] = {"images": len(images), "samples": samples,
+                           "reference": f"cpu float32 {reference_mode}", "compared": {}}
+    candidates = ([("openvino", "float32"), ("openvino", "bfloat16")] if device == "cpu"
+                  else [("auto", "float32"), ("auto", "bfloat16"), ("auto", "float16")])
+    for mode, dtype in candidates:
+        try:
+            model = create_model("efficientnet_lite0", ModelOptions(device=device, mode=mode, dtype=dtype))
+            got = embed(model, images, samples=samples, policy="crop_flip", seed=0).embeddings
+        except Exception as exc:
+            out["compared"][f"{device} {dtype} {mode}"] = {"error": repr(exc)}
+            continue
+        cos = (got * reference).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(reference, axis=1))
+        out["compared"][f"{device} {dtype} {mode}"] = {"min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()),
+                                                       "pass_0.999": bool(cos.min() >= 0.999)}
+        log(f"cosine {device} {dtype} {mode} vs reference: min {cos.min():.6f} mean {cos.mean():.6f}")
+    return out
+
+
+def service_bench(model: str, random_weights: bool, device: str, points: list[tuple[int, int]], seconds: float,
+                  log_dir: Path) -> list[dict[str, Any]]:
+    from bench.loadgen import json_bodies, sample_photos
+    from bench.run import measure_point, server_args
+    from bench.servers import launch, wait_ready
+
+    photos = sample_photos(limit=64)
+    if not photos:
+        log("no sample photos in ../shared/data/imagenet-sample: service benchmark skipped")
+        return []
+    bodies = {s: json_bodies(photos, s) for s, _ in points}
+    cmd, ready = server_args("metta", model, torch.get_num_threads(), random_weights, device)
+    server = wait_ready(launch(f"gpu-{model}", cmd, ready, log_dir), timeout=300)
+    log(f"{model} served on {device} (ready in {server.started_s:.0f} s)")
+    rows = []
+    try:
+        for s, c in points:
+            row = measure_point(server, [], bodies, s, c, seconds, 1.0)
+            row["model"] = model
+            rows.append(row)
+    finally:
+        server.stop()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or REPO / "bench-gpu-out"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seconds", type=float, default=None)
+    args = parser.parse_args(argv)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    gpu = args.device.startswith("cuda")
+    threads = max(1, len(os.sched_getaffinity(0)))
+    result: dict[str, Any] = {
+        "device": args.device, "python": platform.python_version(), "torch": torch.__version__,
+        "cuda": torch.version.cuda, "gpu_name": torch.cuda.get_device_name(0) if gpu else None,
+        "cpu_threads": threads, "loadavg_start": os.getloadavg(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "grid": "gpu" if gpu else "cpu-small",
+    }
+    started = time.perf_counter()
+    log(f"device {args.device} {result['gpu_name'] or ''} torch {torch.__version__} python {platform.python_version()}")
+
+    def step(name: str, fn: Any) -> None:
+        try:
+            result[name] = fn()
+        except Exception as exc:  # one failing step must not lose the others' figures
+            log(f"{name} failed: {exc!r}")
+            result[name] = {"error": repr(exc), "traceback": traceback.format_exc()}
+        (out / "gpu_bench.json").write_text(json.dumps(result, indent=1, default=str))
+
+    for model, random_weights in MODELS:
+        if gpu:
+            grid = {"engines": ("eager", "eager_cl"), "batches": (1, 8, 32, 128),
+                    "dtypes": ("float32", "bfloat16", "float16")}
+        elif model == "resnet50":
+            grid = {"engines": ("openvino",), "batches": (8,), "dtypes": ("float32",)}
+        else:
+            grid = {"engines": ("openvino",), "batches": (8, 32), "dtypes": ("float32", "bfloat16")}
+        step(f"R_{model}", lambda m=model, rw=random_weights, g=grid: measure(
+            m, g["engines"], g["batches"], g["dtypes"], threads if not gpu else 2,
+            0.5, args.device, rw, log=log))
+    seconds = args.seconds or (4.0 if gpu else 3.0)
+    log_dir = out / "logs"
+    log_dir.mkdir(exist_ok=True)
+    for model, random_weights in MODELS:
+        if gpu:
+            points = [(s, c) for s in (1, 8, 32) for c in (1, 16)]
+        elif model == "resnet50":
+            points = [(1, 4), (8, 4)]  # a 2-core CPU runs resnet50 at ~20 crops/s: S=32 would not fit the budget
+        else:
+            points = [(1, 16), (8, 16), (32, 16)]
+        step(f"service_{model}", lambda m=model, rw=random_weights, p=points: service_bench(
+            m, rw, args.device, p, seconds, log_dir))
+    from bench.loadgen import sample_photos
+
+    step("cosine", lambda: cosine_check(args.device, sample_photos(limit=16)))
+    result["elapsed_s"] = time.perf_counter() - started
+    result["loadavg_end"] = os.getloadavg()
+    (out / "gpu_bench.json").write_text(json.dumps(result, indent=1, default=str))
+    summary = []
+    for model, _ in MODELS:
+        r = result.get(f"R_{model}", {}).get("R", {})
+        summary.append(f"R[{model}] " + ", ".join(f"{d} {v['crops_per_s']:.0f} ({v['engine']} b{v['batch']})"
+                                                  for d, v in r.items()))
+        for row in result.get(f"service_{model}", []) if isinstance(result.get(f"service_{model}"), list) else []:
+            summary.append(f"  service {model} S={row['samples']} c={row['concurrency']}: "
+                           f"{row['crops_per_s']:.0f} crops/s p50 {row['p50_ms']:.0f} ms p95 {row['p95_ms']:.0f} ms")
+    cos = result.get("cosine", {}).get("compared", {})
+    summary += [f"cosine {k}: min {v.get('min_cosine', math.nan):.6f}" for k, v in cos.items()]
+    log("summary\n" + "\n".join(summary) + f"\nelapsed {result['elapsed_s']:.0f} s → {out / 'gpu_bench.json'}")
+
+
+if __name__ == "__main__":
+    main()
