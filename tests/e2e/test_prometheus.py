@@ -1,0 +1,144 @@
+"""A real Prometheus, with this repository's config and rules, scraping a live metta-serve.
+
+The config is docker/prometheus/prometheus.yml with only what a test must change: the target (a free
+loopback port instead of the compose service name) and a 1 s scrape/evaluation interval.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from PIL import Image
+
+from tests.e2e.deploy import PROMETHEUS_DIR, find_tool, recording_rule_names
+from tests.e2e.server import ServerProcess, free_port
+
+SAMPLES_SENT = (1, 4, 16)
+P95 = "samples:metta_request_duration_seconds:p95_1m"
+
+
+@pytest.fixture(scope="module")
+def prometheus(dummy_server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    binary = find_tool("prometheus")
+    workdir = tmp_path_factory.mktemp("prometheus")
+    for rules in ("recording_rules.yml", "alert_rules.yml"):
+        shutil.copy(PROMETHEUS_DIR / rules, workdir / rules)
+    config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
+    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    # Only the service's job, pointed at the live server (the self-scrape job is not under test).
+    config["scrape_configs"] = [job for job in config["scrape_configs"] if job["job_name"] == "metta-serve"]
+    assert len(config["scrape_configs"]) == 1
+    config["scrape_configs"][0]["static_configs"] = [{"targets": [dummy_server.url.removeprefix("http://")]}]
+    (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = workdir / "prometheus.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [binary, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'data'}",
+             f"--web.listen-address=127.0.0.1:{port}"],
+            cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, f"prometheus exited {process.returncode}\n{log_path.read_text()}"
+            try:
+                if httpx.get(f"{url}/-/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"prometheus not ready\n{log_path.read_text()}"
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+
+def query(prometheus: str, promql: str) -> list[dict[str, Any]]:
+    reply = httpx.get(f"{prometheus}/api/v1/query", params={"query": promql}, timeout=10)
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["status"] == "success", body
+    result: list[dict[str, Any]] = body["data"]["result"]
+    return result
+
+
+def png(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (120, 90), (seed * 40 % 256, 90, 200 - seed)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_p95_latency_by_samples_through_the_recording_rule(dummy_server: ServerProcess, prometheus: str) -> None:
+    # Requests spread over several scrapes: a rate needs an increase between two scrapes of a series.
+    deadline = time.monotonic() + 8
+    sent = 0
+    while time.monotonic() < deadline or sent < 3 * len(SAMPLES_SENT):
+        for samples in SAMPLES_SENT:
+            reply = httpx.post(f"{dummy_server.url}/v1/embeddings",
+                               files=[("images", ("x.png", png(sent), "image/png"))],
+                               data={"samples": str(samples), "policy": "crop_flip", "seed": str(sent)}, timeout=60)
+            assert reply.status_code == 200, reply.text
+            sent += 1
+        time.sleep(0.3)
+
+    result: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        result = query(prometheus, P95)
+        values = [float(series["value"][1]) for series in result]
+        if len(result) == len(SAMPLES_SENT) and all(math.isfinite(v) for v in values):
+            break
+        time.sleep(1)
+
+    # Exactly one series per S sent, labelled by the service's S bucket, with a real latency.
+    labels = sorted(series["metric"]["samples"] for series in result)
+    assert labels == sorted(str(s) for s in SAMPLES_SENT), result
+    assert all(series["metric"]["job"] == "metta-serve" for series in result)
+    for series in result:
+        value = float(series["value"][1])
+        assert math.isfinite(value) and 0 < value < 60, series
+
+    # The other recorded throughput series see the same traffic.
+    crops = query(prometheus, "job:metta_crops:rate1m")
+    assert len(crops) == 1 and float(crops[0]["value"][1]) > 0
+
+
+def test_target_is_up_and_every_rule_evaluates(dummy_server: ServerProcess, prometheus: str) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        up = query(prometheus, 'up{job="metta-serve"}')
+        if up and up[0]["value"][1] == "1":
+            break
+        assert time.monotonic() < deadline, up
+        time.sleep(0.5)
+    assert query(prometheus, "metta_ready")[0]["value"][1] == "1"
+
+    time.sleep(2)  # at least one evaluation of every group after the scrapes above
+    rules = httpx.get(f"{prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"]
+    loaded = [rule for group in rules for rule in group["rules"]]
+    recorded = {rule["name"] for rule in loaded if rule["type"] == "recording"}
+    assert recorded == recording_rule_names()
+    assert {rule["name"] for rule in loaded if rule["type"] == "alerting"} >= {
+        "MettaHighLatencyP95", "MettaOverloaded", "MettaQueueNearBound", "MettaDown", "MettaNotReady"}
+    broken = [(rule["name"], rule.get("lastError")) for rule in loaded if rule["health"] == "err"]
+    assert broken == []
+    # A healthy, idle service: nothing fires.
+    alerts = httpx.get(f"{prometheus}/api/v1/alerts", timeout=10).json()["data"]["alerts"]
+    assert [a for a in alerts if a["state"] == "firing"] == []
