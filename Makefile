@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: venv serve test unit lint clean
+.PHONY: venv serve test unit lint docker-test eval bench bench-quick soak fuzz lock clean
 
 $(STAMP): pyproject.toml requirements.lock requirements-dev.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,34 @@ unit: venv
 lint: venv
 	$(BIN)/ruff check service models tests bench
 	$(BIN)/mypy
+
+# The container image built air-gapped and run for real (root; installs docker.io and debootstrap; 15 min cold).
+docker-test: venv
+	METTA_DOCKER_TEST=1 $(BIN)/pytest tests/e2e/test_docker_image.py -v -s $(PYTEST_ARGS)
+
+# docs/quality.md: every figure of the quality study on ../shared/data/imagenet-sample (about an hour).
+eval: venv
+	$(BIN)/metta eval --out docs/quality
+
+# docs/benchmarks.md: R, the service against the peers, the batching sweep and a soak (about 40 minutes).
+bench: venv
+	$(BIN)/python -m bench.run
+
+bench-quick: venv
+	$(BIN)/python -m bench.run --quick --out /tmp/bench-quick
+
+MINUTES ?= 10
+soak: venv
+	$(BIN)/python -m bench.soak --minutes $(MINUTES) --out /tmp/soak.json
+
+FUZZ_SECONDS ?= 300
+fuzz: venv
+	$(BIN)/python bench/fuzz_decode.py --seconds $(FUZZ_SECONDS) --hypothesis
+
+# Regenerate requirements-dev.lock from the venv (requirements.lock, the runtime subset, is edited by hand).
+lock: venv
+	{ echo "# Runtime + test/lint/bench tools, exact versions. Regenerate: make lock"; \
+	  $(BIN)/pip freeze --exclude-editable | grep -iv '^metta-serve'; } > requirements-dev.lock
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
