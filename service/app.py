@@ -60,6 +60,7 @@ class ServiceState:
         self.ready = False
         self.api_keys = [key.encode() for key in settings.load_api_keys()]
         self.decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="metta-decode")
+        self.jpeg_device: torch.device | None = None  # set when JPEGs are decoded on the model's GPU
 
 
 def load_model(settings: Settings) -> LoadedModel:
@@ -85,6 +86,8 @@ def create_app(settings: Settings | None = None, *, model: LoadedModel | None = 
                                   loaded.dtype, loaded.mode).set(1)
         if loaded.device.type == "cuda":
             metrics.watch_cuda(str(loaded.device))
+            if settings.device_jpeg_decode:
+                state.jpeg_device = loaded.device
         config = BatchingConfig(settings.max_batch_crops, settings.chunk_crops, settings.max_wait_ms,
                                 settings.max_queue_crops)
         async with Engine(loaded, config, metrics) as engine:
@@ -199,7 +202,7 @@ async def _decode_and_plan(state: ServiceState, data: bytes, index: int, resolve
     def work() -> tuple[ImageJob, float]:
         started = time.perf_counter()
         image = decode_image(data, max_pixels=settings.max_image_pixels, max_side=settings.max_image_side,
-                             label=f"images[{index}]")
+                             label=f"images[{index}]", jpeg_device=state.jpeg_device)
         elapsed = time.perf_counter() - started
         return ImageJob(image, resolved.embed, model), elapsed
 

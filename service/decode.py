@@ -21,8 +21,14 @@ ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 _WHITE = (255, 255, 255)
 
 
-def decode_image(data: bytes, *, max_pixels: int, max_side: int, label: str = "image") -> torch.Tensor:
-    """Decode one image; raises InvalidImage (400) or PayloadTooLarge (413) naming `label`."""
+def decode_image(data: bytes, *, max_pixels: int, max_side: int, label: str = "image",
+                 jpeg_device: torch.device | None = None) -> torch.Tensor:
+    """Decode one image; raises InvalidImage (400) or PayloadTooLarge (413) naming `label`.
+
+    With `jpeg_device` (the service passes its CUDA device), baseline RGB/grey JPEGs are decoded by
+    torchvision there (nvJPEG on CUDA) and the tensor comes back on that device; the header checks above
+    still run first, and any JPEG torchvision refuses takes the Pillow path instead.
+    """
     if not data:
         raise InvalidImage(f"{label} is empty")
     try:
@@ -32,6 +38,10 @@ def decode_image(data: bytes, *, max_pixels: int, max_side: int, label: str = "i
             image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
             width, height = image.size
             _check_size(width, height, max_pixels=max_pixels, max_side=max_side, label=label)
+            if jpeg_device is not None and image.format == "JPEG" and image.mode in ("RGB", "L"):
+                decoded = _decode_jpeg_on(data, jpeg_device)
+                if decoded is not None and tuple(decoded.shape[1:]) in ((height, width), (width, height)):
+                    return decoded
             image.load()
             rgb = to_rgb(ImageOps.exif_transpose(image))
     except (PayloadTooLarge, InvalidImage):
@@ -51,6 +61,23 @@ def decode_image(data: bytes, *, max_pixels: int, max_side: int, label: str = "i
         raise InvalidImage(f"{label} could not be decoded (malformed)") from exc
     array = np.asarray(rgb, dtype=np.uint8)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def _decode_jpeg_on(data: bytes, device: torch.device) -> torch.Tensor | None:
+    """torchvision's JPEG decoder on `device`, EXIF orientation applied; None where it cannot decode."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    try:
+        with warnings.catch_warnings():
+            # torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec; they still work,
+            # and TorchCodec is not a dependency here. Revisit when torchvision is upgraded past the pin.
+            warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*image decoding")
+            decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+    except RuntimeError:  # truncated, or a variant the device decoder lacks: Pillow decides
+        return None
+    assert isinstance(decoded, torch.Tensor)
+    return decoded.contiguous()  # EXIF rotation can leave a strided view
 
 
 def _check_size(width: int, height: int, *, max_pixels: int, max_side: int, label: str) -> None:

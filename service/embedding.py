@@ -60,16 +60,15 @@ class ImageJob:
 
     def __init__(self, image: torch.Tensor, options: EmbedOptions, model: LoadedModel) -> None:
         check_image(image)
-        self.image = image
-        self.options = options
+        self.options = options  # the decoded image itself is not kept: only the working copy views need
         self.views: list[View] = options.policy.plan(
             int(image.shape[1]), int(image.shape[2]), options.samples, options.seed, model.spec.preprocess
         )
         # Views are rendered from a working copy, downscaled once when every view allows it.
         working = image if model.device.type == "cuda" else pixel_interleaved(image)
         self.source, self.render_views = shrink_for_views(working, self.views, model.spec.preprocess)
-        if model.device.type == "cuda":
-            # One host→device copy per image; every view is then cut and resized on the GPU.
+        if model.device.type == "cuda" and self.source.device.type == "cpu":
+            # One host→device copy per image (none when the JPEG was decoded there); views are made on the GPU.
             self.source = self.source.pin_memory().to(model.device, non_blocking=True)
         self.handed_out = 0
         self.stats = RunningStats(model.dim)

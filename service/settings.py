@@ -53,6 +53,7 @@ class Settings(BaseSettings):
     mode: Literal["auto", "eager", "torchscript", "openvino"] = Field("auto", description="execution engine")
     threads: int = Field(default_factory=available_cpus, ge=1, description="intra-op threads (CPU)")
     decode_workers: int = Field(default_factory=available_cpus, ge=1, description="image decode threads")
+    device_jpeg_decode: bool = Field(True, description="on CUDA, decode JPEGs on the GPU (nvJPEG via torchvision)")
 
     # Batching (counted in crops: one request brings images × samples of them)
     # Defaults from the sweep in docs/benchmarks.md (2-core CPU, OpenVINO): one S=32 request is one forward.

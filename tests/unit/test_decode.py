@@ -188,3 +188,42 @@ def test_any_other_parser_error_is_an_invalid_image(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr("service.decode.ImageOps.exif_transpose", broken)
     with pytest.raises(InvalidImage, match="malformed"):
         decode_image(encode(Image.fromarray(gradient()), "TIFF"), **LIMITS)
+
+
+def _jpegs() -> dict[str, bytes]:
+    stored = Image.fromarray(gradient(64, 48)).transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return {
+        "rgb": encode(Image.fromarray(gradient()), "JPEG", quality=90),
+        "grey": encode(Image.fromarray(gradient()).convert("L"), "JPEG", quality=90),
+        "exif_rotated": encode(stored, "JPEG", quality=95, exif=exif),
+        "progressive": encode(Image.fromarray(gradient(70, 50)), "JPEG", quality=80, progressive=True),
+    }
+
+
+@pytest.mark.parametrize("name", ["rgb", "grey", "exif_rotated", "progressive"])
+def test_device_jpeg_decode_gives_the_same_pixels(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The path the service takes on CUDA (torchvision's decoder on the device), run on the CPU here."""
+    import service.decode
+
+    taken = []
+    real = service.decode._decode_jpeg_on
+    monkeypatch.setattr(service.decode, "_decode_jpeg_on",
+                        lambda data, device: taken.append(device) or real(data, device))
+    data = _jpegs()[name]
+    on_device = decode_image(data, **LIMITS, jpeg_device=torch.device("cpu"))
+    assert taken == [torch.device("cpu")]
+    assert on_device.is_contiguous()
+    assert np.array_equal(as_hwc(on_device), as_hwc(decode_image(data, **LIMITS)))
+
+
+def test_device_jpeg_decode_keeps_every_check() -> None:
+    cpu = torch.device("cpu")
+    truncated = encode(Image.fromarray(gradient()), "JPEG")[:300]
+    with pytest.raises(InvalidImage, match="truncated or corrupt"):
+        decode_image(truncated, **LIMITS, jpeg_device=cpu)
+    with pytest.raises(PayloadTooLarge, match="longest side"):
+        decode_image(encode(Image.new("RGB", (13_000, 2)), "JPEG"), **LIMITS, jpeg_device=cpu)
+    cmyk = encode(Image.fromarray(gradient()).convert("CMYK"), "JPEG", quality=95)  # Pillow's conversion
+    assert np.array_equal(as_hwc(decode_image(cmyk, **LIMITS, jpeg_device=cpu)), as_hwc(decode_image(cmyk, **LIMITS)))
