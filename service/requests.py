@@ -65,7 +65,8 @@ async def read_embeddings_request(request: Request, settings: Settings) -> Parse
     try:
         async with asyncio.timeout(settings.body_timeout_s):
             if media_type == "application/json":
-                return _parse_json(await request.body(), settings)
+                # Parsing and base64-decoding up to max_body_bytes takes a while: off the event loop.
+                return await asyncio.to_thread(_parse_json, await request.body(), settings)
             return await _parse_multipart(request, settings)
     except TimeoutError:
         raise RequestTimeout(f"the request body did not arrive within {settings.body_timeout_s:g} s") from None

@@ -85,6 +85,13 @@ class Settings(BaseSettings):
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    @field_validator("api_keys_file")
+    @classmethod
+    def _keys_file_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"the API keys file {value} does not exist")
+        return value
+
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:

@@ -12,13 +12,14 @@ import base64
 import io
 import warnings
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from models import ModelOptions, create_model
-from service.cli import _settings_parser, serve_main
+from service.cli import _settings_parser, serve_main, settings_from_args
 from tests.integration.conftest import ControlledModel, engine_of, png_bytes, serve
 from tests.unit.test_decode import _png_header_only, encode, gradient
 
@@ -306,3 +307,9 @@ def test_a_key_given_as_a_flag_is_refused() -> None:
     parser = _settings_parser("metta-serve", "")
     with pytest.raises(SystemExit):
         parser.parse_args(["--api-keys", "secret"])
+
+
+def test_a_missing_keys_file_is_a_clear_settings_error(tmp_path: Path) -> None:
+    missing = tmp_path / "keys.txt"
+    with pytest.raises(SystemExit, match=r"api-keys-file: .*does not exist"):
+        settings_from_args(_settings_parser("metta-serve", "").parse_args(["--api-keys-file", str(missing)]))
