@@ -184,8 +184,8 @@ class Engine:
     def admit(self, jobs: Sequence[ImageJob], timeout_s: float | None = None) -> PendingRequest:
         """Queue a request's images (on the event loop); raises Overloaded or NotReady at once.
 
-        With `timeout_s`, a request that the queue ahead of it would surely push past its deadline (at
-        the speed measured so far) is refused now with 429, instead of computing crops nobody will get.
+        With `timeout_s`, a request that the work ahead of it would push past its deadline (at the speed
+        measured lately) is refused now with 429, instead of computing crops nobody will get.
         """
         loop = asyncio.get_running_loop()
         crops = sum(len(job.views) for job in jobs)
@@ -201,12 +201,12 @@ class Engine:
                 raise Overloaded(
                     f"the queue is full ({queued} of {self.config.max_queue_crops} crops queued);"
                     " retry later", headers={"Retry-After": str(retry_after)})
-            expected_s = self._estimated_wait_s(queued + crops)
+            expected_s = self._estimated_wait_s(self._crops_until_done_locked(crops))
             if timeout_s is not None and self.counters.seconds_per_crop is not None and expected_s > timeout_s:
                 self.metrics.rejected.labels("overloaded").inc()
                 retry_after = max(1, round(self._estimated_wait_s(queued)))
                 raise Overloaded(
-                    f"the queue ahead ({queued} crops) and this request ({crops} crops) would take about"
+                    f"with {queued} crops queued, this request's {crops} crops would take about"
                     f" {expected_s:.0f} s, past the {timeout_s:g} s deadline; retry later",
                     headers={"Retry-After": str(retry_after)})
             request = PendingRequest(next(self._ids), jobs, loop.create_future(), loop)
@@ -215,6 +215,13 @@ class Engine:
             self.metrics.queue_crops.set(queued + crops)
             self._cond.notify_all()
         return request
+
+    def _crops_until_done_locked(self, crops: int) -> int:
+        """Crops computed before a new request of `crops` would finish: round-robin gives it a chunk per
+        turn, so each request queued ahead gets as many turns, never more than it has left."""
+        turns = -(-crops // self.config.chunk_crops)
+        share = turns * self.config.chunk_crops
+        return crops + sum(min(request.uncomputed, share) for request in self._running.values())
 
     def _estimated_wait_s(self, queued_crops: int) -> float:
         """How long `queued_crops` take at the speed measured lately (1 s before anything ran)."""

@@ -107,6 +107,25 @@ async def test_a_request_that_would_miss_its_deadline_is_refused_at_admission() 
     assert spy.crops - crops_before == 64 + 8  # none of the refused request's crops ran
 
 
+async def test_admission_counts_round_robin_turns_not_the_whole_queue() -> None:
+    spy = ControlledModel()
+    async with serve(model=spy.loaded(), request_timeout_s=2.55, max_batch_crops=8, chunk_crops=8,
+                     max_samples=512, max_request_crops=512) as client:
+        engine = engine_of(client)
+        spy.gate.clear()
+        spy.entered.clear()
+        engine.counters.seconds_per_crop = 0.01  # pin the measured speed (no batch completes while gated)
+        big = asyncio.create_task(client.post("/v1/embeddings", json=body(0, samples=250)))  # 2.5 s: admitted
+        await wait_until(spy.entered.is_set)
+        refused = await client.post("/v1/embeddings", json=body(1, samples=512))
+        # The queue holds ~2.5 s of work, but round-robin finishes 8 crops in one turn: ~0.16 s.
+        small = asyncio.create_task(client.post("/v1/embeddings", json=body(2, samples=8)))
+        await wait_until(lambda: engine.pending_requests == 2)
+        spy.gate.set()
+        assert (await small).status_code == 200 and (await big).status_code == 200
+    assert refused.status_code == 429 and "deadline" in refused.json()["error"]["message"]
+
+
 async def test_deadline_gives_504_and_drops_pending_crops() -> None:
     spy = ControlledModel()
     async with serve(model=spy.loaded(), request_timeout_s=0.3, max_batch_crops=4, chunk_crops=4) as client:
