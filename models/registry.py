@@ -182,7 +182,8 @@ class LoadedModel:
         if views.dtype != torch.uint8 or views.ndim != 4 or views.shape[1] != 3:
             raise ModelError(f"expected a uint8 (B, 3, H, W) batch, got {views.dtype} {tuple(views.shape)}")
         views = views.to(self.device, non_blocking=True)
-        return (views.float() - self._mean) / self._std
+        # In place on the fresh float copy: half the time of `(x - mean) / std` (two fewer full-batch tensors)
+        return views.float().sub_(self._mean).div_(self._std)
 
     def embed_views(self, views: torch.Tensor) -> torch.Tensor:
         """Pooled embeddings (B, dim), float32 on the CPU, for a batch of same-size uint8 views."""
