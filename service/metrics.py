@@ -17,8 +17,10 @@ REJECT_REASONS = ("overloaded", "deadline", "client_gone", "invalid", "too_large
 # From 0.1 ms (a GPU batch) to a minute (S=128 on a busy CPU).
 _STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                   2.5, 5.0, 10.0)
-_REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0,
-                    60.0)
+# ≈ ×1.5 steps from 50 ms up: S=8-32 latencies live between 0.1 and 10 s, and the read-back p50 is only as
+# good as its bucket. A superset of the classic edges, so alert thresholds on them keep working.
+_REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.35, 0.5, 0.75, 1.0,
+                    1.5, 2.5, 3.5, 5.0, 7.5, 10.0, 15.0, 25.0, 40.0, 60.0)
 _BATCH_CROPS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 _BATCH_REQUESTS_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
 

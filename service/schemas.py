@@ -157,4 +157,7 @@ def _form_field(schema: dict[str, Any]) -> dict[str, Any]:
         field.update(alternatives[0])
     elif alternatives:
         field["anyOf"] = alternatives
+    if field.get("type") == "boolean":  # parse_form_options also takes 1 and 0
+        del field["type"]
+        field["anyOf"] = [{"type": "boolean"}, {"type": "integer", "enum": [0, 1]}]
     return field

@@ -24,7 +24,7 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", APP, config=CONFIG)
 
 
 @schema.parametrize()
-@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))  # examples: tests/conftest.py
 def test_api_conforms_to_its_schema(case: schemathesis.Case) -> None:
     # Not checked: that every schema-valid request is accepted. Rules across fields (variance needs
     # S >= 2, `center` is S = 1, N x S <= max_request_crops, `model` must name the served model, the

@@ -105,3 +105,18 @@ def test_max_seed_and_form_spellings_are_accepted() -> None:
     options = parse_form_options({"seed": f" {MAX_SEED} ", "samples": "+3", "normalize": "TRUE",
                                   "view_normalize": "0", "policy": "multiscale", "encoding": "base64"})
     assert (options.seed, options.samples, options.normalize, options.view_normalize) == (MAX_SEED, 3, True, False)
+
+
+def test_the_documented_form_booleans_are_what_the_parser_takes() -> None:
+    # Schemathesis sent `normalize=1` as "violating the schema" when the form schema said boolean only.
+    from service.schemas import openapi_request_body
+
+    form = openapi_request_body()["content"]["multipart/form-data"]["schema"]["properties"]
+    booleans = [name for name, field in EmbedOptionsIn.model_fields.items() if field.annotation is bool]
+    assert booleans
+    for name in booleans:
+        assert form[name]["anyOf"] == [{"type": "boolean"}, {"type": "integer", "enum": [0, 1]}]
+        for spelling, value in (("true", True), ("false", False), ("1", True), ("0", False)):
+            assert getattr(parse_form_options({name: spelling}), name) is value
+        with pytest.raises(InvalidOption, match=name):
+            parse_form_options({name: "2"})
