@@ -157,7 +157,8 @@ def _form_field(schema: dict[str, Any]) -> dict[str, Any]:
         field.update(alternatives[0])
     elif alternatives:
         field["anyOf"] = alternatives
-    if field.get("type") == "boolean":  # parse_form_options also takes 1 and 0
+    if field.get("type") == "boolean":  # a form may also spell it as the digits parse_form_options takes
         del field["type"]
-        field["anyOf"] = [{"type": "boolean"}, {"type": "integer", "enum": [0, 1]}]
+        digits = sorted(int(word) for word in _BOOL_WORDS if word.isdigit())
+        field["anyOf"] = [{"type": "boolean"}, {"type": "integer", "enum": digits}]
     return field

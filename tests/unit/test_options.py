@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from service.embedding import MAX_SEED
 from service.errors import InvalidOption
-from service.schemas import EmbedOptionsIn, parse_form_options, validate_options
+from service.schemas import EmbedOptionsIn, openapi_request_body, parse_form_options, validate_options
 
 OPTION_NAMES = sorted(EmbedOptionsIn.model_fields)
 # Strings near the interesting edges: numbers of every size and sign, floats, words, whitespace, unicode.
@@ -109,8 +109,6 @@ def test_max_seed_and_form_spellings_are_accepted() -> None:
 
 def test_the_documented_form_booleans_are_what_the_parser_takes() -> None:
     # Schemathesis sent `normalize=1` as "violating the schema" when the form schema said boolean only.
-    from service.schemas import openapi_request_body
-
     form = openapi_request_body()["content"]["multipart/form-data"]["schema"]["properties"]
     booleans = [name for name, field in EmbedOptionsIn.model_fields.items() if field.annotation is bool]
     assert booleans
