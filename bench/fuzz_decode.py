@@ -57,8 +57,8 @@ def seed_images() -> dict[str, bytes]:
 
 
 def check_one(data: bytes) -> None:
-    from service.decode import decode_image
-    from service.errors import InvalidImage, PayloadTooLarge
+    from service.core.decode import decode_image
+    from service.core.errors import InvalidImage, PayloadTooLarge
 
     try:
         image = decode_image(data, **LIMITS)

@@ -37,8 +37,8 @@ def log(message: str) -> None:
 def cosine_check(device: str, photos: list[bytes], samples: int = 8) -> dict[str, Any]:
     """Mean embeddings (crop_flip, S views, seed 0) on `device` against the CPU fp32 reference."""
     from models import ModelOptions, create_model
-    from service.decode import decode_image
-    from service.embedding import embed
+    from service.core.decode import decode_image
+    from service.core.embedding import embed
 
     if photos:
         images = [decode_image(p, max_pixels=40_000_000, max_side=12_000) for p in photos]

@@ -21,8 +21,7 @@ from typing import Any
 
 import torch
 
-from models import ModelOptions, create_model
-from models import registry as _registry
+from models import ModelOptions, build_backbone, create_model
 
 ENGINES = ("eager", "eager_cl", "torchscript", "openvino")
 BATCHES = (1, 2, 4, 8, 16, 32)
@@ -32,10 +31,7 @@ _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16"
 
 def _plain_eager(name: str, options: ModelOptions) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]:
     """The backbone as a first attempt runs it: eager, default (contiguous) memory format."""
-    _registry._load_builtin_families()
-    prefix, _, arch = name.partition(":")
-    built = (_registry._REGISTRY[name](options) if name in _registry._REGISTRY
-             else _registry._PREFIXES[prefix](arch, options))
+    built = build_backbone(name, options)
     dtype = _TORCH_DTYPES[options.dtype]
     backbone = built.backbone.eval().to(options.device, dtype=dtype)
     if options.threads:
@@ -113,9 +109,9 @@ def view_costs(name: str, photos: list[bytes], samples: int, threads: int, rando
     import types
 
     from bench.peers.common import build_backbone
-    from service.decode import decode_image
-    from service.embedding import EmbedOptions, ImageJob
-    from service.policies import CropFlipPolicy, render_view
+    from service.core.decode import decode_image
+    from service.core.embedding import EmbedOptions, ImageJob
+    from service.core.policies import CropFlipPolicy, render_view
 
     torch.set_num_threads(threads)
     spec = build_backbone(name, random_weights).spec

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.registry import BuiltBackbone, ModelOptions, ModelSpec, Preprocess, register
+from models.registry import register
+from models.spec import BuiltBackbone, ModelOptions, ModelSpec, Preprocess
 
 DUMMY_DIM = 16
 

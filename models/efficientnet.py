@@ -15,7 +15,8 @@ import torch
 from timm.models.efficientnet import EfficientNet
 from torch import nn
 
-from models.registry import BuiltBackbone, ModelError, ModelOptions, ModelSpec, Preprocess, register
+from models.registry import register
+from models.spec import BuiltBackbone, ModelError, ModelOptions, ModelSpec, Preprocess
 
 TIMM_ARCH = "tf_efficientnet_lite0"
 

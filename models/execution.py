@@ -18,16 +18,21 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from models.registry import BuiltBackbone, LoadedModel, ModelError, ModelOptions, fingerprint, weights_digest
+from models.loaded import LoadedModel, fingerprint, weights_digest
+from models.spec import BuiltBackbone, ModelError, ModelOptions
 
 MODES = ("auto", "eager", "torchscript", "openvino")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 Run = Callable[[torch.Tensor], torch.Tensor]
 
 
-def resolve_mode(mode: str, device: torch.device) -> str:
+def resolve_mode(mode: str, device: torch.device, *, eager_only: bool = False) -> str:
     if mode not in MODES:
         raise ModelError(f"unknown execution mode {mode!r}; choose one of {', '.join(MODES)}")
+    if eager_only:
+        if mode not in ("auto", "eager"):
+            raise ModelError(f"this backbone runs eagerly only (a {mode} graph would drop its work); use mode eager")
+        return "eager"
     if mode == "auto":
         return "eager" if device.type == "cuda" else "openvino"
     if mode == "openvino" and device.type != "cpu":
@@ -39,7 +44,21 @@ def _check_dtype(dtype: str, device: torch.device) -> torch.dtype:
     allowed = ("float32", "float16", "bfloat16") if device.type == "cuda" else ("float32", "bfloat16")
     if dtype not in allowed:
         raise ModelError(f"dtype {dtype!r} is not supported on {device.type}; choose one of {', '.join(allowed)}")
+    if dtype == "bfloat16" and device.type == "cpu" and not cpu_has_native_bf16():
+        # Emulated bf16 measured 3 crops/s eager on an AVX2-only CPU, 30x slower than float32.
+        raise ModelError("dtype bfloat16 needs a CPU with native bf16 (AVX-512 BF16 or AMX), which this one "
+                         "lacks; use float32")
     return DTYPES[dtype]
+
+
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """AVX-512 BF16 or AMX-BF16 among the CPU's flags (Linux); elsewhere assume yes and let it be measured."""
+    try:
+        with open(cpuinfo) as file:
+            flags = next((line for line in file if line.startswith("flags")), "")
+    except OSError:
+        return True
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
 
 
 def _trace(backbone: nn.Module, example: torch.Tensor, *, freeze: bool) -> torch.jit.ScriptModule:
@@ -109,7 +128,7 @@ ENGINES = {"eager": _eager, "torchscript": _torchscript, "openvino": _openvino}
 
 def compile_backbone(built: BuiltBackbone, options: ModelOptions) -> LoadedModel:
     device = torch.device(options.device)
-    mode = resolve_mode(options.mode, device)
+    mode = resolve_mode(options.mode, device, eager_only=built.eager_only)
     dtype = _check_dtype(options.dtype, device)
     if options.threads:
         torch.set_num_threads(options.threads)

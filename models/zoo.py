@@ -21,15 +21,8 @@ import torchvision
 from safetensors.torch import load_file as load_safetensors
 from torch import nn
 
-from models.registry import (
-    BuiltBackbone,
-    ModelError,
-    ModelOptions,
-    ModelSpec,
-    Preprocess,
-    register,
-    register_prefix,
-)
+from models.registry import register, register_prefix
+from models.spec import BuiltBackbone, ModelError, ModelOptions, ModelSpec, Preprocess
 
 # The classic ImageNet recipe, used when the weights come without their own preprocessing config.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import ValidationError
 
+from service.core.options import POLICY_NAMES
 from service.settings import Settings
 
 _NOT_FLAGS = {"api_keys"}  # secrets come from the environment or a file, never the command line
@@ -61,7 +62,7 @@ def serve_main(argv: list[str] | None = None) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvicorn
 
-    from service.app import create_app
+    from service.api.app import create_app
 
     # uvicorn drains on SIGTERM, then re-raises the signal under the handler that was there before
     # it started; with the default one the process would die by the signal (exit -15) after a clean
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     embed_cmd = commands.add_parser("embed", help="embed local image files")
     embed_cmd.add_argument("images", nargs="+", type=Path)
     embed_cmd.add_argument("--samples", type=int, default=None, help="views per image (default: the setting)")
-    embed_cmd.add_argument("--policy", default=None, choices=("center", "crop_flip", "multiscale"))
+    embed_cmd.add_argument("--policy", default=None, choices=POLICY_NAMES)
     embed_cmd.add_argument("--seed", type=int, default=0)
     embed_cmd.add_argument("--variance", action="store_true", help="also write the per-dimension variance")
     embed_cmd.add_argument("--normalize", action="store_true", help="L2-normalise each mean")
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     embed_cmd.add_argument("--model", default=None)
     embed_cmd.add_argument("--mode", default=None, help="execution engine: auto|eager|torchscript|openvino")
     embed_cmd.add_argument("--device", default=None)
-    from service.evaluate import add_eval_command, eval_command
+    from evaluation.cli import add_eval_command, eval_command
 
     add_eval_command(commands)
     args = parser.parse_args(argv)
@@ -99,11 +100,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _embed_command(args: argparse.Namespace) -> None:
-    from service.app import load_model
-    from service.decode import decode_image
-    from service.embedding import embed
-    from service.errors import ServiceError
-    from service.policies import PolicyError
+    from models import create_model
+    from service.core.decode import decode_image
+    from service.core.embedding import embed
+    from service.core.errors import ServiceError
+    from service.core.policies import PolicyError
 
     overrides = {k: getattr(args, k) for k in ("model", "mode", "device") if getattr(args, k) is not None}
     settings = Settings(**overrides)
@@ -112,7 +113,7 @@ def _embed_command(args: argparse.Namespace) -> None:
     try:
         images = [decode_image(path.read_bytes(), max_pixels=settings.max_image_pixels,
                                max_side=settings.max_image_side, label=str(path)) for path in args.images]
-        model = load_model(settings)
+        model = create_model(settings.model, settings.model_options())
         started = time.perf_counter()
         result = embed(model, images, samples=samples, policy=policy, seed=args.seed,
                        return_variance=args.variance, normalize=args.normalize,

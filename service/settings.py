@@ -5,10 +5,15 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.core.options import ONE_VIEW_POLICIES, PolicyName
+
+if TYPE_CHECKING:
+    from models import ModelOptions
 
 
 def available_cpus() -> int:
@@ -77,7 +82,7 @@ class Settings(BaseSettings):
     # S=3 gave the best near-duplicate recall@1 for 1.75x the pixels of one view; classification users
     # should ask for crop_flip with S >= 4.
     default_samples: int = Field(3, ge=1)
-    default_policy: Literal["center", "crop_flip", "multiscale"] = "multiscale"
+    default_policy: PolicyName = "multiscale"
 
     # Auth: keys come from the environment (METTA_API_KEYS, comma-separated) or a file, one per line.
     api_keys: SecretStr | None = Field(None, description="env only, never a CLI flag")
@@ -103,11 +108,18 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if self.default_samples > self.max_samples:
             raise ValueError("default_samples must not exceed max_samples")
-        if self.default_policy == "center" and self.default_samples != 1:
-            raise ValueError("the center policy makes one view: default_samples must be 1 with it")
+        if self.default_policy in ONE_VIEW_POLICIES and self.default_samples != 1:
+            raise ValueError(f"the {self.default_policy} policy makes one view: default_samples must be 1 with it")
         if self.max_request_crops > self.max_queue_crops:
             raise ValueError("max_request_crops must not exceed max_queue_crops (such a request could never run)")
         return self
+
+    def model_options(self) -> ModelOptions:
+        """What `models.create_model` needs from these settings."""
+        from models import ModelOptions
+
+        return ModelOptions(device=self.resolved_device(), dtype=self.dtype, mode=self.mode, weights=self.weights,
+                            random_weights=self.random_weights, threads=self.threads)
 
     def resolved_device(self) -> str:
         if self.device != "auto":

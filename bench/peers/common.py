@@ -10,19 +10,13 @@ from PIL import Image
 from torch import nn
 from torchvision import transforms as T
 
-from models import ModelOptions
-from models import registry as _registry
-from models.registry import BuiltBackbone
+from models import BuiltBackbone, ModelOptions
+from models import build_backbone as _build
 
 
 def build_backbone(name: str, random_weights: bool = False) -> BuiltBackbone:
     """The registry's factory output (same weights as the service), not compiled by any engine."""
-    _registry._load_builtin_families()
-    options = ModelOptions(random_weights=random_weights)
-    prefix, _, arch = name.partition(":")
-    if name in _registry._REGISTRY:
-        return _registry._REGISTRY[name](options)
-    return _registry._PREFIXES[prefix](arch, options)
+    return _build(name, ModelOptions(random_weights=random_weights))
 
 
 def eager_model(name: str, random_weights: bool = False) -> tuple[nn.Module, T.Compose]:

@@ -45,9 +45,9 @@ class MettaAPI(ls.LitAPI):
 
                 views.append(torchvision_views(pil_image(data), self.transform, samples))
             else:
-                from service.decode import decode_image
-                from service.embedding import EmbedOptions, ImageJob
-                from service.policies import CropFlipPolicy, render_view
+                from service.core.decode import decode_image
+                from service.core.embedding import EmbedOptions, ImageJob
+                from service.core.policies import CropFlipPolicy, render_view
 
                 image = decode_image(base64.b64decode(data), max_pixels=40_000_000, max_side=12_000)
                 job = ImageJob(image, EmbedOptions(samples, CropFlipPolicy(), seed), self.loaded)

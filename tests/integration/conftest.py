@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from models import LoadedModel, ModelOptions, create_model
-from service.app import create_app
+from service.api.app import create_app
 from service.settings import Settings
 
 TEST_SETTINGS = {"model": "dummy", "mode": "eager", "threads": 1, "decode_workers": 2, "default_samples": 4,

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.decode import decode_image
-from service.embedding import embed
+from service.core.decode import decode_image
+from service.core.embedding import embed
 from tests.integration.conftest import png_bytes, serve
 
 pytestmark = pytest.mark.anyio

@@ -10,7 +10,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from service.app import create_app
+from service.api.app import create_app
 from service.settings import Settings
 from tests.integration.conftest import TEST_SETTINGS
 

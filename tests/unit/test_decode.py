@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from service.decode import decode_image
-from service.errors import InvalidImage, PayloadTooLarge
+from service.core.decode import decode_image
+from service.core.errors import InvalidImage, PayloadTooLarge
 
 LIMITS = {"max_pixels": 40_000_000, "max_side": 12_000}
 
@@ -185,7 +185,7 @@ def test_any_other_parser_error_is_an_invalid_image(monkeypatch: pytest.MonkeyPa
     def broken(image: Image.Image) -> Image.Image:
         raise TypeError("'float' object cannot be interpreted as an integer")
 
-    monkeypatch.setattr("service.decode.ImageOps.exif_transpose", broken)
+    monkeypatch.setattr("service.core.decode.ImageOps.exif_transpose", broken)
     with pytest.raises(InvalidImage, match="malformed"):
         decode_image(encode(Image.fromarray(gradient()), "TIFF"), **LIMITS)
 
@@ -205,11 +205,11 @@ def _jpegs() -> dict[str, bytes]:
 @pytest.mark.parametrize("name", ["rgb", "grey", "exif_rotated", "progressive"])
 def test_device_jpeg_decode_gives_the_same_pixels(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The path the service takes on CUDA (torchvision's decoder on the device), run on the CPU here."""
-    import service.decode
+    import service.core.decode
 
     taken = []
-    real = service.decode._decode_jpeg_on
-    monkeypatch.setattr(service.decode, "_decode_jpeg_on",
+    real = service.core.decode._decode_jpeg_on
+    monkeypatch.setattr(service.core.decode, "_decode_jpeg_on",
                         lambda data, device: taken.append(device) or real(data, device))
     data = _jpegs()[name]
     on_device = decode_image(data, **LIMITS, jpeg_device=torch.device("cpu"))

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from models import ModelError, ModelOptions, create_model
-from service.embedding import EmbedOptions, ImageJob, embed
-from service.policies import CropFlipPolicy, PolicyError, render_view
+from service.core.embedding import EmbedOptions, ImageJob, embed
+from service.core.policies import CropFlipPolicy, PolicyError, render_view
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
+from evaluation import metrics as M
+from evaluation import studies
+from evaluation.data import QueryEdits, decode_file, load_samples, make_query
+from evaluation.views import cached_per_view, embed_per_view
 from models import ModelOptions, create_model
 from service.cli import main
-from service.embedding import embed
-from service.evaluation import metrics as M
-from service.evaluation import studies
-from service.evaluation.data import QueryEdits, decode_file, load_samples, make_query
-from service.evaluation.views import cached_per_view, embed_per_view
-from service.policies import CenterPolicy, CropFlipPolicy, MultiscalePolicy
+from service.core.embedding import embed
+from service.core.policies import CenterPolicy, CropFlipPolicy, MultiscalePolicy
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +191,7 @@ def test_metta_eval_end_to_end_on_a_few_photos(sample_dir: Path, tmp_path: Path)
 
 def test_plots_are_written(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib", reason="plots need matplotlib (a dev dependency)")
-    from service.evaluation.report import plot_all
+    from evaluation.report import plot_all
 
     results = {"convergence": {"rows": [{"S": 1, "median": 0.9, "p5": 0.8}, {"S": 2, "median": 0.95, "p5": 0.9}],
                                "center": {"median": 0.9, "p5": 0.8}, "reference_views": 8}}

@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.embedding import MAX_SEED
-from service.errors import InvalidOption
-from service.schemas import EmbedOptionsIn, openapi_request_body, parse_form_options, validate_options
+from service.api.schemas import EmbedOptionsIn, openapi_request_body, parse_form_options, validate_options
+from service.core.options import MAX_SEED
+from service.core.errors import InvalidOption
 
 OPTION_NAMES = sorted(EmbedOptionsIn.model_fields)
 # Strings near the interesting edges: numbers of every size and sign, floats, words, whitespace, unicode.

@@ -10,10 +10,9 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from models import create_model
-from models.registry import Preprocess
-from service.embedding import embed
-from service.policies import (
+from models import Preprocess, create_model
+from service.core.embedding import embed
+from service.core.policies import (
     CenterPolicy,
     CropFlipPolicy,
     MultiscalePolicy,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.reduce import ReduceError, RunningStats, l2_normalize
+from service.core.reduce import ReduceError, RunningStats, l2_normalize
 
 
 @pytest.mark.parametrize("chunk", [10, 3, 1, 7])

@@ -2,7 +2,7 @@
 convergence — as JSON, markdown tables and PNG plots (see docs/quality.md for the figures it made).
 
 Per-view embeddings are computed once per (policy config, S_max, seed, image set) and cached under
---cache-dir; every smaller S is a prefix of the same views. The heavy lifting is in service/evaluation/.
+--cache-dir; every smaller S is a prefix of the same views. The heavy lifting is in the other modules of this package.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from service.evaluation import report, studies
-from service.evaluation.data import QueryEdits, decode_file, load_samples, make_query
-from service.evaluation.views import cached_per_view
-from service.policies import CropFlipPolicy, MultiscalePolicy
+from evaluation import report, studies
+from evaluation.data import QueryEdits, decode_file, load_samples, make_query
+from evaluation.views import cached_per_view
+from service.core.policies import CropFlipPolicy, MultiscalePolicy
 
 STUDIES = ("classification", "retrieval", "uncertainty", "convergence")
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"

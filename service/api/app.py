@@ -24,21 +24,21 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from models import LoadedModel, ModelOptions, create_model
-from service.decode import decode_image
-from service.embedding import EmbedOptions, ImageJob, ImageResult
-from service.engine import BatchingConfig, Engine
-from service.errors import InvalidOption, NotReady, PayloadTooLarge, ServiceError, Unauthorized
-from service.metrics import Metrics, samples_label
-from service.policies import make_policy
-from service.requests import ResolvedOptions, read_embeddings_request, resolve_options
-from service.schemas import (
+from models import LoadedModel, create_model
+from service.api.requests import ResolvedOptions, read_embeddings_request, resolve_options
+from service.api.schemas import (
     EmbeddingsResponse,
     ErrorResponse,
     ModelCard,
     ModelsResponse,
     openapi_request_body,
 )
+from service.core.decode import decode_image
+from service.core.embedding import EmbedOptions, ImageJob, ImageResult
+from service.core.errors import InvalidOption, NotReady, PayloadTooLarge, ServiceError, Unauthorized
+from service.core.policies import make_policy
+from service.engine.worker import BatchingConfig, Engine
+from service.metrics import Metrics, samples_label
 from service.settings import Settings
 
 log = logging.getLogger("metta.app")
@@ -64,10 +64,7 @@ class ServiceState:
 
 
 def load_model(settings: Settings) -> LoadedModel:
-    options = ModelOptions(device=settings.resolved_device(), dtype=settings.dtype, mode=settings.mode,
-                           weights=settings.weights, random_weights=settings.random_weights,
-                           threads=settings.threads)
-    return create_model(settings.model, options)
+    return create_model(settings.model, settings.model_options())
 
 
 def create_app(settings: Settings | None = None, *, model: LoadedModel | None = None) -> FastAPI:

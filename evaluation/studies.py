@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from service.evaluation import metrics as M
-from service.policies import CenterPolicy, CropFlipPolicy, MultiscalePolicy, Policy
-from service.reduce import dispersion
+from evaluation import metrics as M
+from service.core.policies import CenterPolicy, CropFlipPolicy, MultiscalePolicy, Policy
+from service.core.reduce import dispersion
 
 ViewBank = Callable[[Policy, int], np.ndarray]  # (policy, S_max) → (N, S_max, dim) per-view embeddings
 SQRT2 = math.sqrt(2)

@@ -20,14 +20,8 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from models.registry import Preprocess
-
-PolicyName = Literal["center", "crop_flip", "multiscale"]
-POLICY_NAMES: tuple[str, ...] = ("center", "crop_flip", "multiscale")
-
-
-class PolicyError(ValueError):
-    """A policy cannot produce views as asked (bad S, bad parameters, unknown name)."""
+from models import Preprocess
+from service.core.options import POLICY_NAMES, PolicyError, samples_for
 
 
 @dataclass(frozen=True)
@@ -62,8 +56,7 @@ class CenterPolicy:
     name: Literal["center"] = "center"
 
     def plan(self, height: int, width: int, samples: int, seed: int, preprocess: Preprocess) -> list[View]:
-        if samples != 1:
-            raise PolicyError("the center policy makes exactly one view: samples must be 1")
+        samples_for(self.name, samples, 1)
         top, left, box_h, box_w = _center_box(height, width, preprocess)
         return [View(top, left, box_h, box_w, preprocess.input_size, False, centered=True)]
 

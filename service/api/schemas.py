@@ -7,10 +7,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from service.embedding import MAX_SEED
-from service.errors import InvalidOption
+from service.core.errors import InvalidOption
+from service.core.options import MAX_SEED, PolicyName
 
-PolicyField = Literal["center", "crop_flip", "multiscale"]
+PolicyField = PolicyName
 EncodingField = Literal["float", "base64"]
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
-from service.decode import decode_image
+from service.core.decode import decode_image
 
 # The sample photos are ordinary web-sized JPEGs; these limits only guard against a stray huge file.
 MAX_PIXELS = 50_000_000

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.registry import LoadedModel
-from service.embedding import EmbedOptions, ImageJob
-from service.policies import Policy, View, render_view
+from models import LoadedModel
+from service.core.embedding import EmbedOptions, ImageJob
+from service.core.policies import Policy, View, render_view
 
 log = logging.getLogger("metta.eval")
 

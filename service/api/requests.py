@@ -17,8 +17,14 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
-from service.embedding import MAX_SEED, EmbedOptions
-from service.errors import (
+from service.api.schemas import (
+    EmbeddingsJSONRequest,
+    EmbedOptionsIn,
+    describe_validation_error,
+    parse_form_options,
+)
+from service.core.embedding import EmbedOptions
+from service.core.errors import (
     InvalidImage,
     InvalidOption,
     InvalidRequest,
@@ -26,13 +32,8 @@ from service.errors import (
     ServiceError,
     UnsupportedMediaType,
 )
-from service.policies import make_policy
-from service.schemas import (
-    EmbeddingsJSONRequest,
-    EmbedOptionsIn,
-    describe_validation_error,
-    parse_form_options,
-)
+from service.core.options import MAX_SEED, PolicyError, samples_for
+from service.core.policies import make_policy
 from service.settings import Settings
 
 _DATA_URL = re.compile(r"data:image/[a-zA-Z0-9.+-]+;base64,", re.ASCII)
@@ -157,12 +158,10 @@ def resolve_options(options: EmbedOptionsIn, settings: Settings, model_name: str
         raise InvalidOption(
             f"model: unknown model {options.model!r}; this server serves: {', '.join(known_models)}")
     policy_name = options.policy or settings.default_policy
-    if policy_name == "center":
-        if options.samples not in (None, 1):
-            raise InvalidOption("samples: the center policy makes exactly one view; omit samples or send 1")
-        samples = 1
-    else:
-        samples = options.samples if options.samples is not None else settings.default_samples
+    try:
+        samples = samples_for(policy_name, options.samples, settings.default_samples)
+    except PolicyError as exc:
+        raise InvalidOption(f"samples: {exc}") from None
     if samples > settings.max_samples:
         raise InvalidOption(f"samples: at most {settings.max_samples}, got {samples}")
     if options.return_variance and samples < 2:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from service.errors import InvalidImage, PayloadTooLarge
+from service.core.errors import InvalidImage, PayloadTooLarge
 
 # Pillow format ids: JPEG, PNG, WebP, GIF (first frame), BMP, TIFF (first page).
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")

@@ -20,11 +20,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from models.registry import LoadedModel
-from service.embedding import Chunk, ImageJob, ImageResult, StageTimes, run_chunks
-from service.errors import DeadlineExceeded, InternalError, NotReady, Overloaded, ServiceError
+from models import LoadedModel
+from service.core.embedding import Chunk, ImageJob, ImageResult, StageTimes, run_chunks
+from service.core.errors import DeadlineExceeded, InternalError, NotReady, Overloaded, ServiceError
+from service.core.policies import View
 from service.metrics import Metrics
-from service.policies import View
 
 log = logging.getLogger("metta.engine")
 _POLL_S = 0.1  # every blocking wait in the worker wakes at least this often

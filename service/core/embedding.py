@@ -16,11 +16,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from models.registry import LoadedModel
-from service.policies import Policy, PolicyError, View, check_image, make_policy, render_view, shrink_for_views
-from service.reduce import RunningStats, l2_normalize
-
-MAX_SEED = 2**53 - 1
+from models import LoadedModel
+from service.core.options import PolicyError, check_seed, samples_for
+from service.core.policies import Policy, View, check_image, make_policy, render_view, shrink_for_views
+from service.core.reduce import RunningStats, l2_normalize
 
 
 @dataclass(frozen=True)
@@ -36,16 +35,12 @@ class EmbedOptions:
     return_dispersion: bool = False
 
     def __post_init__(self) -> None:
-        if self.samples < 1:
-            raise PolicyError(f"samples must be at least 1, got {self.samples}")
-        if self.policy.name == "center" and self.samples != 1:
-            raise PolicyError("the center policy makes exactly one view: samples must be 1")
+        samples_for(self.policy.name, self.samples, self.samples)
         if self.return_variance and self.samples < 2:
             raise PolicyError("variance needs at least 2 views: ask for samples >= 2 or no variance")
         if self.return_dispersion and self.samples < 2:
             raise PolicyError("dispersion needs at least 2 views: ask for samples >= 2 or no dispersion")
-        if not 0 <= self.seed <= MAX_SEED:
-            raise PolicyError(f"seed must be in [0, 2^53-1], got {self.seed}")
+        check_seed(self.seed)
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""The HTTP door: FastAPI routes, request parsing, the response schemas, middleware."""

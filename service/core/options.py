@@ -1,0 +1,35 @@
+"""The rules of a request's options, each written once: policy names, S per policy, the seed range.
+
+Everything that checks an option (the library's `EmbedOptions`, the HTTP schemas, the settings, the
+CLI) takes its names and bounds from here.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+PolicyName = Literal["center", "crop_flip", "multiscale"]
+POLICY_NAMES: tuple[str, ...] = get_args(PolicyName)
+ONE_VIEW_POLICIES = frozenset({"center"})  # policies that make exactly one view: S is always 1
+MAX_SEED = 2**53 - 1  # seeds are exact in a JSON number (a double)
+
+
+class PolicyError(ValueError):
+    """A policy cannot produce views as asked (bad S, bad parameters, unknown name)."""
+
+
+def samples_for(policy: str, requested: int | None, default: int) -> int:
+    """The S a request gets: `requested`, else `default`; a one-view policy always gets 1."""
+    if policy in ONE_VIEW_POLICIES:
+        if requested not in (None, 1):
+            raise PolicyError(f"the {policy} policy makes exactly one view: samples must be 1 (or omitted)")
+        return 1
+    samples = default if requested is None else requested
+    if samples < 1:
+        raise PolicyError(f"samples must be at least 1, got {samples}")
+    return samples
+
+
+def check_seed(seed: int) -> None:
+    if not 0 <= seed <= MAX_SEED:
+        raise PolicyError(f"seed must be in [0, 2^53-1], got {seed}")
