@@ -144,6 +144,7 @@ def compile_backbone(built: BuiltBackbone, options: ModelOptions) -> LoadedModel
         device=device,
         dtype=options.dtype,
         mode=mode,
-        fingerprint=fingerprint(digest, built.spec, options.dtype, mode),
+        fingerprint=fingerprint(digest, built.spec, options.dtype, mode, device_type=device.type),
         head=built.head,
+        weights_sha=digest,
     )

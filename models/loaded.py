@@ -22,11 +22,27 @@ def weights_digest(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def fingerprint(weights_sha: str, spec: ModelSpec, dtype: str, mode: str) -> str:
-    """A short id: equal fingerprints mean comparable embeddings (same weights, pixels, numerics)."""
+# Who makes the view pixels, by device type (service/core/render.py): uint8 antialiased resizes on the CPU,
+# float roi_align on CUDA. Comparable, not identical, so they are told apart.
+RENDERERS = {"cuda": "float-roi-align"}
+CPU_RENDERER = "uint8-antialias"
+JPEG_DECODERS = ("pillow", "nvjpeg")  # libjpeg-turbo through Pillow; torchvision's nvJPEG on CUDA
+COLOR_MODES = ("icc-srgb", "none")  # embedded ICC profiles converted to sRGB at decode, or ignored
+
+
+def fingerprint(weights_sha: str, spec: ModelSpec, dtype: str, mode: str, *, device_type: str = "cpu",
+                jpeg_decoder: str = "pillow", color: str = "icc-srgb") -> str:
+    """A short id, a pure function of everything that changes pixels or numerics: equal fingerprints mean
+    comparable embeddings. Weights, preprocessing, dtype, engine, device type (kernels), the view renderer
+    (follows the device type), the JPEG decoder and the colour handling at decode."""
+    if jpeg_decoder not in JPEG_DECODERS:
+        raise ModelError(f"unknown JPEG decoder {jpeg_decoder!r}; one of {', '.join(JPEG_DECODERS)}")
+    if color not in COLOR_MODES:
+        raise ModelError(f"unknown colour mode {color!r}; one of {', '.join(COLOR_MODES)}")
     payload = json.dumps(
         {"weights": weights_sha, "preprocess": asdict(spec.preprocess), "dim": spec.dim,
-         "dtype": dtype, "mode": mode},
+         "dtype": dtype, "mode": mode, "device_type": device_type,
+         "renderer": RENDERERS.get(device_type, CPU_RENDERER), "jpeg_decoder": jpeg_decoder, "color": color},
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -45,6 +61,7 @@ class LoadedModel:
         mode: str,
         fingerprint: str,
         head: nn.Linear | None = None,
+        weights_sha: str = "",
     ) -> None:
         self.spec = spec
         self.device = device
@@ -52,11 +69,22 @@ class LoadedModel:
         self.mode = mode
         self.fingerprint = fingerprint
         self.head = head
+        self.weights_sha = weights_sha  # `weights_digest` of the backbone: keys the shipped calibration
+        self._given_fingerprint = fingerprint
         self._run = run
         mean = torch.tensor(spec.preprocess.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
         std = torch.tensor(spec.preprocess.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
         self._mean = mean.to(device)
         self._std = std.to(device)
+
+    def set_decoding(self, *, jpeg_decoder: str, color: str) -> None:
+        """The server's decoding choices change pixels too: the reported fingerprint names them.
+
+        A model built without a weights digest (tests wrap one) stands in its given fingerprint for it.
+        """
+        weights = self.weights_sha or f"given:{self._given_fingerprint}"
+        self.fingerprint = fingerprint(weights, self.spec, self.dtype, self.mode, device_type=self.device.type,
+                                       jpeg_decoder=jpeg_decoder, color=color)
 
     @property
     def name(self) -> str:

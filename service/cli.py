@@ -63,6 +63,7 @@ def serve_main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     from service.api.app import create_app
+    from service.api.protocol import serving_protocol
 
     # uvicorn drains on SIGTERM, then re-raises the signal under the handler that was there before
     # it started; with the default one the process would die by the signal (exit -15) after a clean
@@ -70,7 +71,8 @@ def serve_main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     # One process owns the device and its metrics: more uvicorn workers would load the model again
     # per worker and split the metrics, so scale with more containers instead.
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, workers=1,
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, workers=1, http=serving_protocol(settings, app),
                 log_level=settings.log_level, timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None,
                 access_log=False)
 

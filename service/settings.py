@@ -59,6 +59,7 @@ class Settings(BaseSettings):
     threads: int = Field(default_factory=available_cpus, ge=1, description="intra-op threads (CPU)")
     decode_workers: int = Field(default_factory=available_cpus, ge=1, description="image decode threads")
     device_jpeg_decode: bool = Field(True, description="on CUDA, decode JPEGs on the GPU (nvJPEG via torchvision)")
+    icc_to_srgb: bool = Field(True, description="convert embedded ICC colour profiles to sRGB at decode")
 
     # Batching (counted in crops: one request brings images × samples of them)
     # Defaults from the sweep in docs/benchmarks.md (2-core CPU, OpenVINO): one S=32 request is one forward.
@@ -76,6 +77,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1)
     request_timeout_s: float = Field(60.0, gt=0)
     body_timeout_s: float = Field(30.0, gt=0, description="time allowed to receive a whole request body")
+    header_timeout_s: float = Field(10.0, gt=0, description="time allowed to receive a request's headers")
+    max_header_bytes: int = Field(32 * 1024, ge=1024, description="request line and headers, in bytes (else 431)")
+    max_headers: int = Field(100, ge=1, description="headers per request (else 431)")
+    max_json_elements: int = Field(10_000, ge=1, description="values in a JSON body, counted before parsing")
+    max_inflight_body_bytes: int = Field(
+        256 * 1024 * 1024, ge=1, description="request bodies held at once, server-wide (else 429)")
     shutdown_grace_s: float = Field(30.0, ge=0, description="SIGTERM: time to finish in-flight work")
 
     # Defaults for requests that do not say. Chosen for search and matching (docs/quality.md): multi-resolution

@@ -11,10 +11,9 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -22,9 +21,12 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from models import LoadedModel, create_model
+from service.api.decoding import DecodePool, all_or_nothing
+from service.api.middleware import BodyLimitMiddleware, HeaderLimitMiddleware
 from service.api.requests import ResolvedOptions, read_embeddings_request, resolve_options
 from service.api.schemas import (
     EmbeddingsResponse,
@@ -35,13 +37,15 @@ from service.api.schemas import (
 )
 from service.core.decode import decode_image
 from service.core.embedding import EmbedOptions, ImageJob, ImageResult
-from service.core.errors import InvalidOption, NotReady, PayloadTooLarge, ServiceError, Unauthorized
+from service.core.errors import DeadlineExceeded, InvalidOption, NotReady, ServiceError, Unauthorized
 from service.core.policies import make_policy
+from service.engine.budget import Budget
 from service.engine.worker import BatchingConfig, Engine
 from service.metrics import Metrics, samples_label
 from service.settings import Settings
 
 log = logging.getLogger("metta.app")
+T = TypeVar("T")
 EMBEDDINGS = "/v1/embeddings"
 _REJECT_REASON = {400: "invalid", 408: "invalid", 415: "invalid", 422: "invalid", 413: "too_large",
                   401: "unauthorized"}
@@ -59,7 +63,8 @@ class ServiceState:
         self.engine: Engine | None = None
         self.ready = False
         self.api_keys = [key.encode() for key in settings.load_api_keys()]
-        self.decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="metta-decode")
+        self.decode_pool = DecodePool(settings.decode_workers)
+        self.body_budget = Budget(settings.max_inflight_body_bytes, "request-body bytes")
         self.jpeg_device: torch.device | None = None  # set when JPEGs are decoded on the model's GPU
 
 
@@ -76,15 +81,18 @@ def create_app(settings: Settings | None = None, *, model: LoadedModel | None = 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # A fresh pool per lifespan: the previous one is shut down when a lifespan ends (tests restart apps).
-        state.decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="metta-decode")
+        state.decode_pool = DecodePool(settings.decode_workers)
         loaded = model if model is not None else await asyncio.to_thread(load_model, settings)
         state.model = loaded
-        metrics.model_info.labels(loaded.name, loaded.fingerprint, str(loaded.dim), str(loaded.device),
-                                  loaded.dtype, loaded.mode).set(1)
         if loaded.device.type == "cuda":
             metrics.watch_cuda(str(loaded.device))
             if settings.device_jpeg_decode:
                 state.jpeg_device = loaded.device
+        # Decoding changes pixels too: the reported fingerprint names the decoder and colour handling chosen here.
+        loaded.set_decoding(jpeg_decoder="nvjpeg" if state.jpeg_device is not None else "pillow",
+                            color="icc-srgb" if settings.icc_to_srgb else "none")
+        metrics.model_info.labels(loaded.name, loaded.fingerprint, str(loaded.dim), str(loaded.device),
+                                  loaded.dtype, loaded.mode).set(1)
         config = BatchingConfig(settings.max_batch_crops, settings.chunk_crops, settings.max_wait_ms,
                                 settings.max_queue_crops)
         async with Engine(loaded, config, metrics) as engine:
@@ -100,13 +108,17 @@ def create_app(settings: Settings | None = None, *, model: LoadedModel | None = 
                 state.ready = False
                 metrics.ready.set(0)
                 await engine.drain(settings.shutdown_grace_s)
-        state.decode_pool.shutdown(wait=False, cancel_futures=True)
+        state.decode_pool.shutdown()
 
-    app = FastAPI(title="metta-serve", version="0.1.0", lifespan=lifespan,
+    # redirect_slashes off: `POST /v1/embeddings/` would get a 307 whose Location comes from the client's Host.
+    app = FastAPI(title="metta-serve", version="0.1.0", lifespan=lifespan, redirect_slashes=False,
                   description="Mean image embeddings over S test-time augmentations (MeTTA).")
     app.state.metta = state
     _add_error_handlers(app, metrics)
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, metrics=metrics,
+                       body_budget=state.body_budget)
+    app.add_middleware(HeaderLimitMiddleware, max_headers=settings.max_headers,
+                       max_header_bytes=settings.max_header_bytes, metrics=metrics)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
 
     @app.get("/healthz", tags=["ops"], responses={503: {"description": "the inference worker has stopped"}})
@@ -118,6 +130,8 @@ def create_app(settings: Settings | None = None, *, model: LoadedModel | None = 
     async def readyz() -> JSONResponse:
         if not (state.ready and state.engine is not None and state.engine.alive):
             raise NotReady("the model is not loaded and warmed up (or the worker stopped)")
+        if state.decode_pool.stalled():
+            raise NotReady("every decode worker has been busy on one image for a while; retry elsewhere")
         return JSONResponse({"status": "ready"})
 
     @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
@@ -175,8 +189,10 @@ async def _embeddings(request: Request, state: ServiceState) -> Response:
     samples = resolved.embed.samples
     metrics.inflight_requests.inc()
     try:
-        jobs = await asyncio.gather(*(
-            _decode_and_plan(state, data, i, resolved) for i, data in enumerate(parsed.images)))
+        share = state.decode_pool.request_share()
+        decoding = all_or_nothing(
+            [_decode_and_plan(state, data, i, resolved, share) for i, data in enumerate(parsed.images)])
+        jobs = await _decoded_in_time(request, state, decoding, settings.request_timeout_s)
         engine = state.engine
         pending = engine.admit(jobs, settings.request_timeout_s)
         try:
@@ -192,18 +208,20 @@ async def _embeddings(request: Request, state: ServiceState) -> Response:
     return Response(body, media_type="application/json")
 
 
-async def _decode_and_plan(state: ServiceState, data: bytes, index: int, resolved: ResolvedOptions) -> ImageJob:
+async def _decode_and_plan(state: ServiceState, data: bytes, index: int, resolved: ResolvedOptions,
+                           share: asyncio.Semaphore) -> ImageJob:
     settings, model = state.settings, state.model
     assert model is not None
 
     def work() -> tuple[ImageJob, float]:
         started = time.perf_counter()
         image = decode_image(data, max_pixels=settings.max_image_pixels, max_side=settings.max_image_side,
-                             label=f"images[{index}]", jpeg_device=state.jpeg_device)
+                             label=f"images[{index}]", jpeg_device=state.jpeg_device,
+                             icc_to_srgb=settings.icc_to_srgb)
         elapsed = time.perf_counter() - started
         return ImageJob(image, resolved.embed, model), elapsed
 
-    job, elapsed = await asyncio.get_running_loop().run_in_executor(state.decode_pool, work)
+    job, elapsed = await state.decode_pool.run(share, work)
     state.metrics.decode_duration.observe(elapsed)
     return job
 
@@ -212,7 +230,22 @@ class ClientGone(Exception):
     """The client disconnected before its reply was ready."""
 
 
-async def _wait_unless_disconnected(request: Request, work: Awaitable[list[ImageResult]]) -> list[ImageResult]:
+async def _decoded_in_time(request: Request, state: ServiceState, decoding: Awaitable[list[ImageJob]],
+                           timeout_s: float) -> list[ImageJob]:
+    """The decoded jobs, unless the client leaves (ClientGone) or the deadline passes first (504); either
+    way the images not yet decoding never start."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await _wait_unless_disconnected(request, decoding)
+    except TimeoutError:
+        state.metrics.rejected.labels("deadline").inc()
+        raise DeadlineExceeded(f"the images were not decoded within the request's deadline ({timeout_s:g} s)") from None
+    except ClientGone:
+        state.metrics.rejected.labels("client_gone").inc()
+        raise
+
+
+async def _wait_unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     """Await the engine's result; if the client disconnects first, cancel it (its crops are dropped)."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_disconnected(request))
@@ -289,6 +322,10 @@ def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     async def client_gone(request: Request, exc: Exception) -> Response:
         return Response(status_code=499)  # nobody reads it; nginx's code for "client closed request"
 
+    async def client_disconnected(request: Request, exc: Exception) -> Response:
+        metrics.rejected.labels("client_gone").inc()  # left mid-body (or sent a broken one): not our 500
+        return Response(status_code=499)
+
     async def validation_error(request: Request, exc: Exception) -> Response:
         metrics.rejected.labels("invalid").inc()
         message = "; ".join(
@@ -307,67 +344,10 @@ def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
 
     app.add_exception_handler(ServiceError, service_error)
     app.add_exception_handler(ClientGone, client_gone)
+    app.add_exception_handler(ClientDisconnect, client_disconnected)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, unexpected)
-
-
-class BodyLimitMiddleware:
-    """Refuse bodies over max_body_bytes with 413 — by Content-Length at once, else while streaming.
-
-    Streaming bodies are counted as they arrive and reading stops at the limit, so an oversized
-    body is never buffered whole. A reply sent before its request's body was read to the end (413,
-    408, 401, 415, ...) says `Connection: close`, so the server drops the connection instead of
-    reading and discarding the rest (a 200 MB upload after a 413, a byte-a-second trickle after a 408).
-    """
-
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
-        self.app = app
-        self.max_body_bytes = max_body_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        limit = self.max_body_bytes
-        headers = dict(scope.get("headers", []))
-        length = headers.get(b"content-length", b"")
-        if length.isdigit() and int(length) > limit:
-            await _error_response(_too_large(limit))(scope, receive, _closing(send))
-            return
-        received = 0
-        body_pending = (length.isdigit() and int(length) > 0) or b"transfer-encoding" in headers
-
-        async def limited_receive() -> Message:
-            nonlocal received, body_pending
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if not message.get("more_body", False):
-                    body_pending = False
-                if received > limit:
-                    raise _too_large(limit)
-            return message
-
-        async def send_closing_if_unread(message: Message) -> None:
-            if message["type"] == "http.response.start" and body_pending:
-                message["headers"] = [*message.get("headers", []), (b"connection", b"close")]
-            await send(message)
-
-        await self.app(scope, limited_receive, send_closing_if_unread)
-
-
-def _closing(send: Send) -> Send:
-    async def send_closing(message: Message) -> None:
-        if message["type"] == "http.response.start":
-            message["headers"] = [*message.get("headers", []), (b"connection", b"close")]
-        await send(message)
-
-    return send_closing
-
-
-def _too_large(limit: int) -> PayloadTooLarge:
-    return PayloadTooLarge(f"the request body is over the limit of {limit} bytes")
 
 
 class RequestMetricsMiddleware:

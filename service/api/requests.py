@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
+from service.api.limits import check_json_size
 from service.api.schemas import (
     EmbeddingsJSONRequest,
     EmbedOptionsIn,
@@ -76,6 +77,7 @@ async def read_embeddings_request(request: Request, settings: Settings) -> Parse
 def _parse_json(body: bytes, settings: Settings) -> ParsedRequest:
     if not body:
         raise InvalidRequest("the request body is empty")
+    check_json_size(body, settings.max_json_elements)
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: "[[[[…" nested too deep

@@ -1,8 +1,13 @@
 """Bytes → a checked uint8 (3, H, W) RGB tensor, before anything is queued.
 
-Only an allow-list of formats is opened; the size is checked from the header before any pixel
-is decoded (Pillow's own bomb guard stays on as a second line); EXIF orientation is applied; every
-mode becomes 8-bit RGB the way a person would expect (alpha over white, 16-bit scaled, not clipped).
+Only an allow-list of formats is opened; files built to be slow to decode are refused from their bytes
+first (`precheck`); the size is checked from the header before any pixel is decoded; EXIF orientation is
+applied; an embedded ICC profile is converted to sRGB; every mode becomes 8-bit RGB the way a person would
+expect (alpha over white, 16-bit scaled, not clipped, float scaled by the rule in `to_rgb`).
+
+One pixel cap: `max_pixels` (the service's --max-image-pixels). Pillow's own bomb guard
+(`Image.MAX_IMAGE_PIXELS`, 89.5 MP) is switched off at import because it fires in `Image.open`, before our
+check, and silently lowered any larger setting; ours runs at the same point, from the same header.
 """
 
 from __future__ import annotations
@@ -12,38 +17,50 @@ import warnings
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from service.core.errors import InvalidImage, PayloadTooLarge
+from service.core.precheck import check_structure
 
 # Pillow format ids: JPEG, PNG, WebP, GIF (first frame), BMP, TIFF (first page).
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 _WHITE = (255, 255, 255)
+_ORIENTATION = 0x0112  # the EXIF tag
+Image.MAX_IMAGE_PIXELS = None  # one cap, ours (see the module docstring)
+_SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+# Profile colour space (as lcms names it, padded to 4) → the Pillow mode it applies to.
+_PROFILE_MODES = {"RGB ": "RGB", "CMYK": "CMYK", "GRAY": "L"}
 
 
 def decode_image(data: bytes, *, max_pixels: int, max_side: int, label: str = "image",
-                 jpeg_device: torch.device | None = None) -> torch.Tensor:
+                 jpeg_device: torch.device | None = None, icc_to_srgb: bool = True) -> torch.Tensor:
     """Decode one image; raises InvalidImage (400) or PayloadTooLarge (413) naming `label`.
 
-    With `jpeg_device` (the service passes its CUDA device), baseline RGB/grey JPEGs are decoded by
-    torchvision there (nvJPEG on CUDA) and the tensor comes back on that device; the header checks above
-    still run first, and any JPEG torchvision refuses takes the Pillow path instead.
+    With `jpeg_device` (the service passes its CUDA device), JPEGs that need no pixel work beyond decoding
+    (see `device_decodable`) are decoded by torchvision there (nvJPEG on CUDA) and the tensor comes back on
+    that device; the checks above still run first, and any JPEG torchvision refuses takes the Pillow path.
+    `icc_to_srgb`: convert an embedded ICC profile to sRGB (relative colorimetric); a profile lcms cannot
+    read is ignored (the pixels are taken as sRGB, as browsers do).
     """
     if not data:
         raise InvalidImage(f"{label} is empty")
+    check_structure(data, label)
     try:
         with warnings.catch_warnings():
-            # Pillow warns (and above 2x its limit raises) for huge images; our own check below is stricter.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # in case a caller re-enabled Pillow's
             image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
             width, height = image.size
             _check_size(width, height, max_pixels=max_pixels, max_side=max_side, label=label)
-            if jpeg_device is not None and image.format == "JPEG" and image.mode in ("RGB", "L"):
+            if jpeg_device is not None and device_decodable(image, icc_to_srgb=icc_to_srgb):
                 decoded = _decode_jpeg_on(data, jpeg_device)
-                if decoded is not None and tuple(decoded.shape[1:]) in ((height, width), (width, height)):
+                # Only the stored shape: an orientation-tagged file never gets here (see device_decodable).
+                if decoded is not None and tuple(decoded.shape[1:]) == (height, width):
                     return decoded
             image.load()
-            rgb = to_rgb(ImageOps.exif_transpose(image))
+            upright = ImageOps.exif_transpose(image)  # keeps `info`, the ICC profile with it
+            rgb = to_rgb(to_srgb(upright) if icc_to_srgb else upright)
+            if rgb.size not in ((width, height), (height, width)):  # a header that lied about the size
+                raise InvalidImage(f"{label} decoded to {rgb.size[0]}x{rgb.size[1]}, not its header's size")
     except (PayloadTooLarge, InvalidImage):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -63,6 +80,50 @@ def decode_image(data: bytes, *, max_pixels: int, max_side: int, label: str = "i
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag (1 = upright, 2-8 = flipped/rotated), 1 when absent or unreadable."""
+    try:
+        value = image.getexif().get(_ORIENTATION, 1)
+    except Exception:  # a malformed EXIF block: Pillow's exif_transpose would not apply it either
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def device_decodable(image: Image.Image, *, icc_to_srgb: bool) -> bool:
+    """Whether a JPEG can take the device decoder and come out as the CPU path's pixels.
+
+    torchvision's CUDA decoder ignores EXIF orientation (only its CPU branch applies it) and knows
+    nothing of colour profiles, so files tagged with either take the Pillow path; so do CMYK and
+    other modes the device decoder does not convert like Pillow does.
+    """
+    if image.format != "JPEG" or image.mode not in ("RGB", "L"):
+        return False
+    if exif_orientation(image) != 1:
+        return False
+    return not (icc_to_srgb and image.info.get("icc_profile"))
+
+
+def to_srgb(image: Image.Image) -> Image.Image:
+    """Pixels in an embedded ICC profile's colour space → sRGB (relative colorimetric intent).
+
+    Untouched when there is no profile, when it is for another colour space than the image's mode, or when
+    lcms cannot read or apply it.
+    """
+    icc = image.info.get("icc_profile")
+    if not icc:
+        return image
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        if _PROFILE_MODES.get(profile.profile.xcolor_space) != image.mode:
+            return image
+        converted = ImageCms.profileToProfile(image, profile, _SRGB,
+                                              renderingIntent=ImageCms.Intent.RELATIVE_COLORIMETRIC, outputMode="RGB")
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        return image
+    assert converted is not None
+    return converted
+
+
 def _decode_jpeg_on(data: bytes, device: torch.device) -> torch.Tensor | None:
     """torchvision's JPEG decoder on `device`, EXIF orientation applied; None where it cannot decode."""
     from torchvision.io import ImageReadMode, decode_jpeg
@@ -73,11 +134,11 @@ def _decode_jpeg_on(data: bytes, device: torch.device) -> torch.Tensor | None:
             # torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec; they still work,
             # and TorchCodec is not a dependency here. Revisit when torchvision is upgraded past the pin.
             warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*image decoding")
-            decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+            decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
     except RuntimeError:  # truncated, or a variant the device decoder lacks: Pillow decides
         return None
     assert isinstance(decoded, torch.Tensor)
-    return decoded.contiguous()  # EXIF rotation can leave a strided view
+    return decoded.contiguous()
 
 
 def _check_size(width: int, height: int, *, max_pixels: int, max_side: int, label: str) -> None:
@@ -90,7 +151,11 @@ def _check_size(width: int, height: int, *, max_pixels: int, max_side: int, labe
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any Pillow mode → 8-bit RGB: alpha composited on white, 16-bit and 32-bit integer scaled."""
+    """Any Pillow mode → 8-bit RGB: alpha composited on white, 16-bit and 32-bit integer scaled.
+
+    Float (`F`) images: if every finite value lies in [0, 1] they are intensities in [0, 1] (× 255),
+    otherwise values on the 0-255 scale; then clipped to [0, 255], NaN → 0, +inf → 255, -inf → 0.
+    """
     mode = image.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         # 16-bit (PNG/TIFF) greyscale; convert("L") would clip everything above 255 to white.
@@ -99,7 +164,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
         grey = np.clip(np.rint(values * (255.0 / peak)), 0, 255).astype(np.uint8)
         return Image.fromarray(grey).convert("RGB")
     if mode == "F":
-        values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        values = np.asarray(image, dtype=np.float64)
+        finite = values[np.isfinite(values)]
+        if finite.size and finite.min() >= 0.0 and finite.max() <= 1.0:
+            values = values * 255.0
+        values = np.nan_to_num(values, nan=0.0, posinf=255.0, neginf=0.0)
         grey = np.clip(np.rint(values), 0, 255).astype(np.uint8)  # NaN/inf in float TIFFs: no garbage bytes
         return Image.fromarray(grey).convert("RGB")
     if mode == "P":

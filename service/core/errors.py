@@ -10,12 +10,24 @@ class ServiceError(Exception):
     type = "internal"
 
     def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        message = bounded(message)
         super().__init__(message)
         self.message = message
         self.headers = headers or {}
 
     def body(self) -> dict[str, dict[str, str]]:
         return {"error": {"type": self.type, "message": self.message}}
+
+
+MAX_MESSAGE_CHARS = 500
+
+
+def bounded(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """A message cut to `limit` characters: messages quote client values (an unknown model's name), and an
+    error reply must not grow with the input (a 20 MB `model` came back in a 20 MB 422)."""
+    if len(message) <= limit:
+        return message
+    return message[: limit - 15] + "… (truncated)"
 
 
 class InvalidImage(ServiceError):

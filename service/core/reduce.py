@@ -22,6 +22,7 @@ class RunningStats:
         self.mean = np.zeros(dim, dtype=np.float64)
         self.m2 = np.zeros(dim, dtype=np.float64)
         self.unit_sum = np.zeros(dim, dtype=np.float64)  # Σ of the L2-normalised views, for `dispersion`
+        self.unit_sq = 0.0  # Σ of their squared norms: 1 per view, 0 per zero-norm view
 
     def add(self, views: np.ndarray) -> None:
         """Merge a chunk of view embeddings, shape (n, dim)."""
@@ -37,7 +38,9 @@ class RunningStats:
         delta = chunk_mean - self.mean
         self.mean = self.mean + delta * (n / total)
         self.m2 = self.m2 + chunk_m2 + delta**2 * (self.count * n / total)
-        self.unit_sum = self.unit_sum + l2_normalize(views).sum(axis=0)
+        units = l2_normalize(views)
+        self.unit_sum = self.unit_sum + units.sum(axis=0)
+        self.unit_sq += float(np.square(units).sum())
         self.count = total
 
     def variance(self) -> np.ndarray:
@@ -51,17 +54,21 @@ class RunningStats:
         """1 − the mean pairwise cosine of the views: 0 when they agree; see `dispersion`."""
         if self.count < 2:
             raise ReduceError("dispersion needs at least 2 views (samples >= 2)")
-        return float(dispersion(self.unit_sum, self.count))
+        return float(dispersion(self.unit_sum, self.count, self.unit_sq))
 
 
-def dispersion(unit_sum: np.ndarray, count: int) -> np.ndarray:
-    """1 − mean pairwise cosine of `count` unit vectors whose sum is `unit_sum` (last axis).
+def dispersion(unit_sum: np.ndarray, count: int, unit_sq: float | np.ndarray | None = None) -> np.ndarray:
+    """1 − mean pairwise cosine of `count` unit vectors whose sum is `unit_sum` (last axis), in [0, 2].
 
-    Σ_{s≠t} u_s·u_t = ‖Σ u‖² − S, so the mean over the S(S−1) ordered pairs needs only the running sum.
+    Σ_{s≠t} u_s·u_t = ‖Σ u‖² − Σ‖u_s‖², so the mean over the S(S−1) ordered pairs needs only the running
+    sums; `unit_sq` = Σ‖u_s‖² (default `count`: every view has norm 1). A zero-norm view has no direction:
+    its cosine with any view counts as 0 (it stays a zero vector in `unit_sum` and adds 0 to `unit_sq`).
+    Clamped to [0, 2], the range of 1 − cos, so rounding cannot give −4e-16 for identical views.
     A label-free uncertainty score (docs/quality.md: best of those tried for flagging retrieval misses).
     """
-    pairwise = (np.square(unit_sum).sum(axis=-1) - count) / (count * (count - 1))
-    result: np.ndarray = 1.0 - pairwise
+    squares = count if unit_sq is None else unit_sq
+    pairwise = (np.square(unit_sum).sum(axis=-1) - squares) / (count * (count - 1))
+    result: np.ndarray = np.clip(1.0 - pairwise, 0.0, 2.0)
     return result
 
 

@@ -63,3 +63,28 @@ def test_dispersion_is_zero_for_agreeing_views_and_needs_two() -> None:
     assert stats.dispersion() == pytest.approx(0.0, abs=1e-12)
     stats.add(np.array([[-1.0, -2.0, 0.0, 0.0]]))  # the opposite direction
     assert stats.dispersion() == pytest.approx(1.0 - (1 - 1 - 1) / 3, abs=1e-12)
+
+
+def test_dispersion_of_identical_views_is_exactly_zero_never_negative() -> None:
+    views = np.tile(np.random.default_rng(3).normal(size=(1, 1280)), (7, 1))
+    for scale in (1.0, 1e-3, 1e3, 0.1):
+        stats = RunningStats(1280)
+        stats.add(views * scale)
+        assert 0.0 <= stats.dispersion() <= 2.0
+        assert stats.dispersion() == pytest.approx(0.0, abs=1e-12)
+    assert stats.dispersion() >= 0.0
+
+
+def test_a_zero_norm_view_counts_as_cosine_zero_with_every_other() -> None:
+    """The stated rule: a view with no direction neither agrees nor disagrees (cosine 0)."""
+    views = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 0.0]])
+    stats = RunningStats(2)
+    stats.add(views)
+    # ordered pairs: (0,1),(1,0) cosine 1; the four pairs with the zero view cosine 0 → mean 2/6
+    assert stats.dispersion() == pytest.approx(1.0 - 2 / 6, abs=1e-12)
+    stats = RunningStats(2)
+    stats.add(np.zeros((4, 2)))
+    assert stats.dispersion() == pytest.approx(1.0, abs=1e-12)
+    opposite = RunningStats(2)
+    opposite.add(np.array([[1.0, 0.0], [-1.0, 0.0]]))
+    assert opposite.dispersion() == pytest.approx(2.0, abs=1e-12)

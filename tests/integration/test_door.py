@@ -1,0 +1,189 @@
+"""Issue 15 at the door, in-process: no request stalls the others in the decode pool, bounded HTTP input,
+every refusal in the error table's JSON shape and counted, the body budget, the fingerprint the app reports."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+
+import pytest
+
+import service.api.app
+from models import ModelOptions, create_model
+from service.api.app import create_app
+from service.core.decode import decode_image
+from service.settings import Settings
+from tests.integration.conftest import TEST_SETTINGS, png_bytes, serve
+
+pytestmark = pytest.mark.anyio
+GOOD = png_bytes(0)
+SLOW = b"slow!" + GOOD  # recognised by the patched decoder below
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def rejected(client, reason: str) -> float:  # type: ignore[no-untyped-def]
+    return client.app.state.metta.metrics.rejected.labels(reason)._value.get()  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def slow_decoder(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Images starting with b'slow!' take 2 s to decode (a costly file that passes every pre-check)."""
+    started = {"slow": 0}
+
+    def decode(data: bytes, **kwargs: object) -> object:
+        if data.startswith(b"slow!"):
+            started["slow"] += 1
+            time.sleep(2.0)
+            data = data[5:]
+        return decode_image(data, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(service.api.app, "decode_image", decode)
+    return started
+
+
+async def test_a_request_of_costly_images_leaves_half_the_pool_to_others(slow_decoder: dict[str, int]) -> None:
+    """decode_workers=2: a request of four 2-s images may hold one worker; a good request sent meanwhile is
+    answered within 1.5 s (on main it waited for the pool: ≥ 2 s)."""
+    async with serve(decode_workers=2) as client:
+        hostile = asyncio.create_task(client.post("/v1/embeddings", json={"images": [b64(SLOW)] * 4}))
+        await asyncio.sleep(0.2)
+        started = time.perf_counter()
+        good = await client.post("/v1/embeddings", json={"images": [b64(GOOD)]})
+        assert good.status_code == 200
+        assert time.perf_counter() - started < 1.5
+        hostile.cancel()
+        await asyncio.sleep(0.05)
+
+
+async def test_decoding_stops_at_the_deadline_and_the_rest_never_starts(slow_decoder: dict[str, int]) -> None:
+    async with serve(decode_workers=2, request_timeout_s=1.0) as client:
+        started = time.perf_counter()
+        reply = await client.post("/v1/embeddings", json={"images": [b64(SLOW)] * 4})
+        assert reply.status_code == 504 and reply.json()["error"]["type"] == "deadline_exceeded"
+        assert time.perf_counter() - started < 1.8
+        await asyncio.sleep(2.5)
+        assert slow_decoder["slow"] == 1  # one decoding when the deadline passed; three never started
+        assert rejected(client, "deadline") == 1
+
+
+async def test_readyz_is_503_while_every_decode_worker_is_stuck(slow_decoder: dict[str, int]) -> None:
+    async with serve(decode_workers=2) as client:
+        client.app.state.metta.decode_pool.stall_s = 0.5  # type: ignore[attr-defined]
+        assert (await client.get("/readyz")).status_code == 200
+        hostile = [asyncio.create_task(client.post("/v1/embeddings", json={"images": [b64(SLOW)]}))
+                   for _ in range(2)]
+        await asyncio.sleep(1.0)
+        stuck = await client.get("/readyz")
+        assert stuck.status_code == 503 and stuck.json()["error"]["type"] == "not_ready"
+        assert all(r.status_code == 200 for r in await asyncio.gather(*hostile))
+        assert (await client.get("/readyz")).status_code == 200
+
+
+async def test_header_limits_answer_431_in_json_and_are_counted() -> None:
+    async with serve(max_headers=20, max_header_bytes=4096) as client:
+        many = await client.get("/healthz", headers={f"x-h{i}": "1" for i in range(30)})
+        big = await client.get("/healthz", headers={"x-big": "a" * 5000})
+        for reply in (many, big):
+            assert reply.status_code == 431 and reply.json()["error"]["type"] == "headers_too_large"
+        assert rejected(client, "too_large") == 2
+
+
+async def test_error_replies_are_bounded_and_413s_counted() -> None:
+    async with serve(max_body_bytes=2_000_000) as client:
+        reply = await client.post("/v1/embeddings", json={"images": [b64(GOOD)], "model": "m" * 1_000_000})
+        assert reply.status_code == 422 and len(reply.content) < 1_000
+        assert "truncated" in reply.json()["error"]["message"]
+        before = rejected(client, "too_large")
+        big = await client.post("/v1/embeddings", content=b"x" * 2_000_001,
+                                headers={"content-type": "application/json"})
+        assert big.status_code == 413 and big.headers["connection"] == "close"
+        assert rejected(client, "too_large") == before + 1
+
+
+async def test_a_json_body_of_many_tiny_values_is_refused_before_parsing() -> None:
+    async with serve(max_json_elements=1_000) as client:
+        body = json.dumps({"images": [b64(GOOD)], "junk": [{}] * 5_000})
+        reply = await client.post("/v1/embeddings", content=body, headers={"content-type": "application/json"})
+        assert reply.status_code == 413 and "values" in reply.json()["error"]["message"]
+
+
+async def test_no_redirect_built_from_the_host_header() -> None:
+    async with serve() as client:
+        reply = await client.post("/v1/embeddings/", json={"images": [b64(GOOD)]}, headers={"host": "evil.example"})
+        assert reply.status_code == 404 and reply.json()["error"]["type"] == "not_found"
+        assert "location" not in reply.headers
+        wrong = await client.delete("/v1/embeddings")
+        assert wrong.status_code == 405 and wrong.json()["error"]["type"] == "method_not_allowed"
+
+
+async def _call(app, method: str, path: str, headers: list[tuple[bytes, bytes]],  # type: ignore[no-untyped-def]
+                chunks: list[bytes], then_disconnect: bool, hold: asyncio.Event | None = None) -> list[dict]:
+    """One raw ASGI request: the body in `chunks`, then (optionally) the client vanishes."""
+    sent: list[dict] = []
+    queue = [{"type": "http.request", "body": c, "more_body": True} for c in chunks]
+
+    async def receive() -> dict:
+        if queue:
+            return queue.pop(0)
+        if hold is not None:
+            await hold.wait()
+        if then_disconnect:
+            return {"type": "http.disconnect"}
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "path": path,
+             "raw_path": path.encode(), "query_string": b"", "headers": headers, "client": ("127.0.0.1", 1),
+             "server": ("test", 80), "scheme": "http", "root_path": ""}
+    await app(scope, receive, send)
+    return sent
+
+
+async def test_a_client_leaving_mid_body_is_client_gone_not_a_500(caplog: pytest.LogCaptureFixture) -> None:
+    async with serve() as client:
+        app = client.app  # type: ignore[attr-defined]
+        for kind in (b"application/json", b"multipart/form-data; boundary=xyz"):
+            headers = [(b"content-type", kind), (b"content-length", b"100000")]
+            sent = await _call(app, "POST", "/v1/embeddings", headers, [b'{"images": ["AAAA'], then_disconnect=True)
+            assert sent[0]["status"] in (400, 499), sent[0]
+        text = app.state.metta.metrics.generate().decode()
+        assert 'code="500"' not in text
+        assert rejected(client, "client_gone") >= 1
+        assert "Traceback" not in caplog.text and "unhandled" not in caplog.text
+
+
+async def test_the_body_budget_answers_429_with_retry_after() -> None:
+    async with serve(max_body_bytes=100_000, max_inflight_body_bytes=150_000) as client:
+        app = client.app  # type: ignore[attr-defined]
+        hold = asyncio.Event()
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"100000")]
+        holder = asyncio.create_task(_call(app, "POST", "/v1/embeddings", headers, [b"{"], False, hold))
+        await asyncio.sleep(0.1)
+        refused = await client.post("/v1/embeddings", content=b"{" + b" " * 99_998 + b"}",
+                                    headers={"content-type": "application/json"})
+        assert refused.status_code == 429 and refused.json()["error"]["type"] == "overloaded"
+        assert int(refused.headers["retry-after"]) >= 1
+        hold.set()
+        await holder
+        assert app.state.metta.body_budget.held == 0
+        ok = await client.post("/v1/embeddings", json={"images": [b64(GOOD)]})
+        assert ok.status_code == 200
+
+
+async def test_the_reported_fingerprint_names_the_decoding_choices() -> None:
+    prints = []
+    for icc in (True, False):
+        app = create_app(Settings(**{**TEST_SETTINGS, "icc_to_srgb": icc}),
+                         model=create_model("dummy", ModelOptions(mode="eager")))
+        async with app.router.lifespan_context(app):
+            prints.append(app.state.metta.model.fingerprint)
+    assert prints[0] != prints[1]
+    assert prints[0] == create_model("dummy", ModelOptions(mode="eager")).fingerprint  # the library's defaults
+

@@ -1,0 +1,173 @@
+"""Decode round 2: files built to be slow are refused from their bytes, the device path keeps the CPU
+path's orientation, one pixel cap, float images by their range, ICC profiles converted to sRGB."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageCms
+
+import service.core.decode
+from service.core.decode import decode_image, device_decodable
+from service.core.errors import InvalidImage, PayloadTooLarge
+from service.core.precheck import MAX_JPEG_SCANS, check_structure, count_png_chunks
+from tests.unit.test_decode import LIMITS, _png_header_only, as_hwc, encode, gradient
+
+SAMPLES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "imagenet-sample"
+
+
+def many_scan_jpeg(width: int, height: int, scans: int) -> bytes:
+    """A valid progressive JPEG followed by `scans` empty refinement scans (header only, no data)."""
+    data = encode(Image.fromarray(gradient(width, height)), "JPEG", progressive=True, quality=50)
+    sos = b"\xff\xda" + struct.pack(">HB", 8, 1) + bytes([1, 0x00]) + bytes([1, 63, 0x10])
+    return data[:-2] + sos * scans + b"\xff\xd9"
+
+
+def many_chunk_png(chunks: int, kind: bytes = b"IDAT") -> bytes:
+    """A small valid PNG with `chunks` empty chunks spliced in before IEND."""
+    data = encode(Image.fromarray(gradient()), "PNG")
+    iend = data.rindex(b"IEND") - 4
+    empty = struct.pack(">I", 0) + kind + struct.pack(">I", zlib.crc32(kind))
+    return data[:iend] + empty * chunks + data[iend:]
+
+
+def test_a_jpeg_with_thousands_of_empty_scans_is_refused_before_decoding() -> None:
+    hostile = many_scan_jpeg(600, 200, 5_000)
+    started = time.perf_counter()
+    with pytest.raises(InvalidImage, match=r"images\[3\] is a JPEG with 50\d\d scans"):
+        decode_image(hostile, **LIMITS, label="images[3]")
+    assert time.perf_counter() - started < 0.5
+
+
+def test_a_png_of_a_million_tiny_chunks_is_refused_before_decoding() -> None:
+    hostile = many_chunk_png(1_000_000)  # 12 MB of chunk headers
+    started = time.perf_counter()
+    with pytest.raises(InvalidImage, match="PNG with more than"):
+        decode_image(hostile, **LIMITS)
+    assert time.perf_counter() - started < 1.0
+    with pytest.raises(InvalidImage, match="PNG with more than"):
+        decode_image(many_chunk_png(100_000, b"tEXt"), **LIMITS)
+
+
+def test_ordinary_progressive_jpegs_and_finely_split_pngs_pass() -> None:
+    check_structure(many_scan_jpeg(64, 48, MAX_JPEG_SCANS - 20))
+    decode_image(encode(Image.fromarray(gradient(300, 200)), "JPEG", progressive=True), **LIMITS)
+    # libpng's habit: 8 KB IDAT chunks. Noise does not compress, so this file is ~1.2 MB in ~150 chunks.
+    noise = np.random.default_rng(0).integers(0, 256, (400, 1000, 3), dtype=np.uint8)
+    split = _split_idat(encode(Image.fromarray(noise), "PNG"), 8_192)
+    assert count_png_chunks(split, stop_after=10**6) > 100
+    assert np.array_equal(as_hwc(decode_image(split, **LIMITS)), noise.astype(np.int32))
+
+
+def _split_idat(png: bytes, size: int) -> bytes:
+    """The same PNG with its image data re-cut into IDAT chunks of `size` bytes."""
+    offset, head, idat, tail = 8, [png[:8]], b"", []
+    while offset < len(png):
+        length, kind = struct.unpack_from(">I4s", png, offset)
+        chunk = png[offset : offset + 12 + length]
+        if kind == b"IDAT":
+            idat += chunk[8:-4]
+        else:
+            (tail if idat else head).append(chunk)
+        offset += 12 + length
+    pieces = [idat[i : i + size] for i in range(0, len(idat), size)]
+    chunks = [struct.pack(">I", len(p)) + b"IDAT" + p + struct.pack(">I", zlib.crc32(b"IDAT" + p)) for p in pieces]
+    return b"".join(head + chunks + tail)
+
+
+def _rotated_jpeg(orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(Image.fromarray(gradient(64, 48)), "JPEG", quality=95, exif=exif)
+
+
+@pytest.mark.parametrize("orientation", [2, 3, 5, 6, 7, 8])
+def test_an_orientation_tagged_jpeg_never_takes_the_device_decoder(orientation: int,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchvision's CUDA decoder ignores EXIF orientation: such files must take the Pillow path."""
+    taken: list[torch.device] = []
+    real = service.core.decode._decode_jpeg_on
+    monkeypatch.setattr(service.core.decode, "_decode_jpeg_on",
+                        lambda data, device: taken.append(device) or real(data, device))
+    data = _rotated_jpeg(orientation)
+    assert not device_decodable(Image.open(io.BytesIO(data)), icc_to_srgb=True)
+    decoded = decode_image(data, **LIMITS, jpeg_device=torch.device("cpu"))
+    assert taken == []
+    upright = decode_image(data, **LIMITS)
+    assert np.array_equal(as_hwc(decoded), as_hwc(upright))
+    assert tuple(upright.shape[1:]) == ((64, 48) if orientation >= 5 else (48, 64))
+
+
+def test_the_device_result_is_accepted_only_in_the_stored_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A device decoder that hands back the transposed shape (as a rotation would) is not trusted."""
+    data = _rotated_jpeg(1)
+    monkeypatch.setattr(service.core.decode, "_decode_jpeg_on",
+                        lambda data, device: torch.zeros((3, 64, 48), dtype=torch.uint8))
+    decoded = decode_image(data, **LIMITS, jpeg_device=torch.device("cpu"))
+    assert tuple(decoded.shape) == (3, 48, 64) and int(decoded.max()) > 0  # Pillow's pixels
+
+
+def test_one_pixel_cap_above_pillows_own() -> None:
+    """Pillow's 89.5 MP bomb guard no longer overrides --max-image-pixels (header-only: no pixels to decode)."""
+    big = _png_header_only(10_000, 9_500)  # 95 MP
+    with pytest.raises(InvalidImage, match="truncated or corrupt"):  # past the size checks, then no data
+        decode_image(big, max_pixels=100_000_000, max_side=12_000)
+    with pytest.raises(PayloadTooLarge, match="at most 90000000 pixels"):
+        decode_image(big, max_pixels=90_000_000, max_side=12_000)
+    assert Image.MAX_IMAGE_PIXELS is None
+
+
+def test_float_images_in_unit_range_are_scaled_by_255() -> None:
+    unit = np.linspace(0.0, 1.0, 64 * 48, dtype=np.float32).reshape(48, 64)
+    decoded = as_hwc(decode_image(encode(Image.fromarray(unit, "F"), "TIFF"), **LIMITS))
+    assert np.array_equal(decoded[..., 0], np.rint(unit * 255).astype(np.int32))
+    wide = unit * 300.0  # beyond [0, 1]: taken on the 0-255 scale, clipped
+    decoded = as_hwc(decode_image(encode(Image.fromarray(wide, "F"), "TIFF"), **LIMITS))
+    assert np.array_equal(decoded[..., 0], np.clip(np.rint(wide), 0, 255).astype(np.int32))
+
+
+def _adobe_rgb_photos() -> list[Path]:
+    if not SAMPLES.is_dir():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{SAMPLES} is missing under CI")
+        pytest.skip(f"the sample photos ({SAMPLES}) are absent")
+    found = []
+    for path in sorted(SAMPLES.glob("*.JPEG")):
+        with Image.open(path) as image:
+            icc = image.info.get("icc_profile")
+        if icc and "Adobe RGB" in ImageCms.getProfileDescription(ImageCms.ImageCmsProfile(io.BytesIO(icc))):
+            found.append(path)
+        if len(found) == 3:
+            break
+    if not found:
+        pytest.skip("no sample photo carries an Adobe RGB profile")
+    return found
+
+
+def test_adobe_rgb_photos_are_converted_to_srgb() -> None:
+    srgb = ImageCms.createProfile("sRGB")
+    for path in _adobe_rgb_photos():
+        data = path.read_bytes()
+        image = Image.open(io.BytesIO(data))
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(image.info["icc_profile"]))
+        expected = ImageCms.profileToProfile(image, profile, srgb,
+                                             renderingIntent=ImageCms.Intent.RELATIVE_COLORIMETRIC, outputMode="RGB")
+        assert expected is not None
+        want = np.asarray(expected, dtype=np.int32)
+        assert np.array_equal(as_hwc(decode_image(data, **LIMITS)), want), path.name
+        plain = as_hwc(decode_image(data, **LIMITS, icc_to_srgb=False))
+        assert np.abs(plain - want).mean() > 1, path.name  # the switch really switches
+        assert not device_decodable(image, icc_to_srgb=True) and device_decodable(image, icc_to_srgb=False)
+
+
+def test_an_unreadable_profile_is_ignored() -> None:
+    data = encode(Image.fromarray(gradient()), "PNG", icc_profile=b"not a profile at all")
+    assert np.array_equal(as_hwc(decode_image(data, **LIMITS)), gradient().astype(np.int32))
