@@ -1,0 +1,97 @@
+"""A bulk run in this process: read + hash + decode + plan in a pool of threads, feeding the library's batching.
+
+Memory stays bounded whatever the number of files: the pool works at most `ahead` files in front of
+the model (each a small working copy once planned; full-size pixels only while a worker decodes), and
+results leave for the dataset as soon as each image is done (`embed_stream`).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
+
+from models import LoadedModel
+from service.bulk.dataset import Dataset, ErrorLog, Row
+from service.bulk.files import read_input
+from service.bulk.progress import Progress
+from service.core.decode import decode_image
+from service.core.embedding import EmbedOptions, ImageJob
+from service.core.errors import ServiceError
+from service.core.options import PolicyError
+from service.core.stream import embed_stream
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass
+class Prepared:
+    """One input file after the pool: a job to run, a reason it is bad, or already in the dataset."""
+
+    path: str
+    sha256: str = ""
+    job: ImageJob | None = None
+    error: tuple[str, str] | None = None  # (type, message)
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    max_pixels: int
+    max_side: int
+
+
+def run_local(files: list[str], dataset: Dataset, errors: ErrorLog, progress: Progress, *, model: LoadedModel,
+              options: EmbedOptions, limits: DecodeLimits, workers: int, max_batch_crops: int) -> None:
+    done = frozenset(dataset.done)  # a snapshot: the pool's threads read it while the dataset grows
+
+    def prepare(path: str) -> Prepared:
+        return prepare_file(path, done, model, options, limits)
+
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="metta-embed-decode")
+    try:
+        def jobs() -> Iterator[tuple[Prepared, ImageJob]]:
+            for item in ordered_map(pool, prepare, files, ahead=4 * workers):
+                if item.job is not None:
+                    yield item, item.job
+                elif item.error is not None:
+                    errors.add(item.path, *item.error)
+                    progress.add_bad()
+                else:
+                    progress.add_already()
+
+        for item, result in embed_stream(model, jobs(), max_batch_crops=max_batch_crops):
+            dataset.add(Row(item.path, item.sha256, result.embedding, result.variance, result.dispersion))
+            progress.add_embedded()
+    finally:
+        # On Ctrl-C: files not started are dropped; the ones being decoded finish in the background.
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def prepare_file(path: str, done: frozenset[tuple[str, str]], model: LoadedModel, options: EmbedOptions,
+                 limits: DecodeLimits) -> Prepared:
+    """Read and hash the file; unless the dataset has it, decode it and plan its views (all off the main thread)."""
+    read = read_input(path, done)
+    if read.data is None:
+        return Prepared(path, read.sha256, error=read.error)
+    try:
+        image = decode_image(read.data, max_pixels=limits.max_pixels, max_side=limits.max_side, label=path)
+        return Prepared(path, read.sha256, job=ImageJob(image, options, model))
+    except ServiceError as exc:
+        return Prepared(path, read.sha256, error=(exc.type, exc.message))
+    except PolicyError as exc:
+        return Prepared(path, read.sha256, error=("invalid_image", f"{path}: {exc}"))
+
+
+def ordered_map(pool: ThreadPoolExecutor, work: Callable[[T], R], items: Iterable[T], *,
+                      ahead: int) -> Iterator[R]:
+    """work(item) for every item on the pool, in input order, with at most `ahead` submitted and not yet taken."""
+    window: deque[Future[R]] = deque()
+    for item in items:
+        window.append(pool.submit(work, item))
+        if len(window) >= ahead:
+            yield window.popleft().result()
+    while window:
+        yield window.popleft().result()

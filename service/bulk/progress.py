@@ -1,0 +1,43 @@
+"""Counts of a bulk run, a progress bar on a terminal, and the one summary line every run prints."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+from tqdm import tqdm
+
+
+class Progress:
+    def __init__(self, total: int, *, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.embedded = 0
+        self.already = 0
+        self.bad = 0
+        self.started = time.perf_counter()
+        # Only a person watching a terminal wants a bar; in a log file it is noise.
+        self._bar = tqdm(total=total, unit="img", file=self.stream, dynamic_ncols=True, smoothing=0.1,
+                         disable=not self.stream.isatty())
+
+    def add_embedded(self, count: int = 1) -> None:
+        self.embedded += count
+        self._bar.update(count)
+
+    def add_already(self) -> None:
+        self.already += 1
+        self._bar.update(1)
+
+    def add_bad(self) -> None:
+        self.bad += 1
+        self._bar.update(1)
+
+    def close(self) -> None:
+        self._bar.close()
+
+    def summary(self, out: str, errors: str) -> str:
+        seconds = time.perf_counter() - self.started
+        rate = self.embedded / seconds if seconds > 0 else 0.0
+        bad = f"{self.bad} skipped as bad" + (f" (listed in {errors})" if self.bad else "")
+        return (f"metta embed: {self.embedded} embedded, {self.already} already present, {bad}; "
+                f"{seconds:.1f} s ({rate:.1f} images/s) -> {out}")

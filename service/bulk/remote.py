@@ -1,0 +1,113 @@
+"""A bulk run against a running metta-serve (`--server URL`), through `service.client.AsyncClient`.
+
+Files are read and hashed a few at a time in threads, packed into requests that fit the server's
+limits, and `concurrency` requests are kept in flight; the client retries 429/503/504. A request the
+server refuses for one bad image (400/413/415) is retried image by image, so only the bad ones are
+logged and skipped. Rows reach the dataset on the event loop's thread only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+from service.bulk.dataset import Dataset, ErrorLog, Row
+from service.bulk.files import InputFile, UsageError, read_input
+from service.bulk.progress import Progress
+from service.client import AsyncClient, MettaError, request_capacity, upload_size
+
+_PER_IMAGE_REFUSALS = (400, 413, 415)  # the image's fault: skip it, go on
+_USAGE_REFUSALS = (401, 403, 422)  # the command's fault (key, options): stop, exit 2
+
+
+class RemoteFailed(Exception):
+    """The server kept failing (after retries): stop, exit 1."""
+
+
+async def run_remote(files: list[str], dataset: Dataset, errors: ErrorLog, progress: Progress, *,
+                     client: AsyncClient, concurrency: int, readers: int,
+                     images_per_request: int | None = None) -> None:
+    """Embed `files` through the server with the dataset's settings (`dataset.run`)."""
+    done = frozenset(dataset.done)
+    options = dataset.run
+    per_request, budget = request_capacity(options.samples, await client.limits(), images_per_request)
+    batches: asyncio.Queue[list[InputFile] | None] = asyncio.Queue(maxsize=2)
+
+    async def produce() -> None:
+        batch: list[InputFile] = []
+        used = 0
+        with ThreadPoolExecutor(readers, thread_name_prefix="metta-embed-read") as pool:
+            async for item in _read_ahead(pool, files, done, ahead=4 * readers):
+                if item.error is not None:
+                    errors.add(item.path, *item.error)
+                    progress.add_bad()
+                    continue
+                if item.data is None:
+                    progress.add_already()
+                    continue
+                size = upload_size(item.data)
+                if batch and (len(batch) >= per_request or used + size > budget):
+                    await batches.put(batch)
+                    batch, used = [], 0
+                batch.append(item)
+                used += size
+        if batch:
+            await batches.put(batch)
+        for _ in range(concurrency):
+            await batches.put(None)
+
+    async def send(batch: list[InputFile]) -> None:
+        try:
+            reply = await client.embed([item.data or b"" for item in batch], samples=options.samples,
+                                       policy=options.policy, seed=options.seed, return_variance=options.variance,
+                                       return_dispersion=options.dispersion, normalize=options.normalize)
+        except httpx.HTTPError as exc:  # the connection kept failing through every retry
+            raise RemoteFailed(f"the server could not be reached: {exc}") from None
+        except MettaError as exc:
+            if exc.status in _USAGE_REFUSALS:
+                raise UsageError(f"the server refused the request: {exc}") from None
+            if exc.status not in _PER_IMAGE_REFUSALS:
+                raise RemoteFailed(f"the server failed: {exc}") from None
+            if len(batch) > 1:  # which image? ask for each alone
+                for item in batch:
+                    await send([item])
+                return
+            errors.add(batch[0].path, exc.type, exc.message.replace("images[0]", batch[0].path))
+            progress.add_bad()
+            return
+        if reply.model_fingerprint != dataset.run.model_fingerprint:
+            raise UsageError(f"the server's model changed during the run ({dataset.run.model_fingerprint} -> "
+                             f"{reply.model_fingerprint}); run again to resume against the new one")
+        for i, item in enumerate(batch):
+            variance = reply.variances[i] if reply.variances is not None else None
+            dispersion = float(reply.dispersions[i]) if reply.dispersions is not None else None
+            dataset.add(Row(item.path, item.sha256, reply.embeddings[i], variance, dispersion))
+        progress.add_embedded(len(batch))
+
+    async def sender() -> None:
+        while (batch := await batches.get()) is not None:
+            await send(batch)
+
+    tasks = [asyncio.ensure_future(produce()), *(asyncio.ensure_future(sender()) for _ in range(concurrency))]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _read_ahead(pool: ThreadPoolExecutor, files: list[str], done: frozenset[tuple[str, str]], *,
+                      ahead: int) -> AsyncIterator[InputFile]:
+    """read_input for every file on the pool, in order, with at most `ahead` reads in flight."""
+    loop = asyncio.get_running_loop()
+    window: deque[asyncio.Future[InputFile]] = deque()
+    for path in files:
+        window.append(loop.run_in_executor(pool, read_input, path, done))
+        if len(window) >= ahead:
+            yield await window.popleft()
+    while window:
+        yield await window.popleft()

@@ -1,0 +1,88 @@
+"""service.client against a scripted server (httpx.MockTransport): splitting, retries, arrays; and no torch needed."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from service.client import AsyncClient, Client, MettaError
+
+REPO = Path(__file__).resolve().parents[2]
+MODELS = {"object": "list", "data": [{"name": "m", "fingerprint": "fp", "dim": 2,
+                                      "limits": {"max_images": 2, "max_body_bytes": 1 << 20, "max_request_crops": 64,
+                                                 "max_samples": 8, "default_samples": 3}}]}
+
+
+class Script:
+    """Replies to POST /v1/embeddings: first the scripted failures, then the embeddings of the images sent."""
+
+    def __init__(self, *failures: httpx.Response) -> None:
+        self.failures = list(failures)
+        self.posts: list[httpx.Request] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json=MODELS)
+        self.posts.append(request)
+        if self.failures:
+            return self.failures.pop(0)
+        body = request.read()
+        count = body.count(b'name="images"')
+        seed = int(body.split(b'name="seed"\r\n\r\n')[1].split(b"\r\n")[0])
+        firsts = [part.split(b"\r\n\r\n", 1)[1][0] for part in body.split(b'name="images"')[1:]]  # first byte
+        data = [{"index": i, "embedding": base64.b64encode(np.array([firsts[i], seed], "<f4").tobytes()).decode(),
+                 "variance": [0.5, 0.25], "dispersion": 0.1} for i in range(count)]
+        return httpx.Response(200, json={"model": "m", "model_fingerprint": "fp", "dim": 2, "policy": "multiscale",
+                                         "samples": 3, "seed": seed, "data": data,
+                                         "usage": {"images": count, "crops": 3 * count}})
+
+
+def test_embed_splits_to_the_servers_limits_and_returns_arrays_in_order(tmp_path: Path) -> None:
+    script = Script()
+    (tmp_path / "a.jpg").write_bytes(b"aaaa")
+    with Client("http://metta", transport=httpx.MockTransport(script)) as client:
+        result = client.embed([b"x", tmp_path / "a.jpg", str(tmp_path / "a.jpg"), b"yy", b"zzz"],
+                              return_variance=True, return_dispersion=True)
+    assert len(script.posts) == 3  # at most 2 images per request (the server's max_images)
+    assert result.embeddings.dtype == np.float32 and result.embeddings.shape == (5, 2)
+    assert result.embeddings[:, 0].tolist() == [ord(c) for c in "xaayz"]  # input order, paths read
+    assert len(set(result.embeddings[:, 1].tolist())) == 1  # one seed for every part of a split call
+    assert result.variances.shape == (5, 2) and result.dispersions.tolist() == [0.1] * 5
+
+
+def test_429_waits_for_retry_after_and_503_backs_off_then_succeeds() -> None:
+    script = Script(httpx.Response(429, headers={"retry-after": "0"}, json={"error": {"type": "overloaded",
+                                                                                      "message": "busy"}}),
+                    httpx.Response(503, json={"error": {"type": "not_ready", "message": "warming"}}))
+    client = AsyncClient("http://metta", transport=httpx.MockTransport(script))
+
+    async def go():
+        async with client:
+            return await client.embed([b"x"], seed=3)
+
+    assert asyncio.run(go()).seed == 3
+    assert len(script.posts) == 3
+
+
+def test_a_refusal_is_raised_at_once_with_its_type() -> None:
+    script = Script(httpx.Response(400, json={"error": {"type": "invalid_image", "message": "images[0] is bad"}}))
+    with Client("http://metta", transport=httpx.MockTransport(script)) as client, \
+            pytest.raises(MettaError) as error:
+        client.embed([b"x"])
+    assert (error.value.status, error.value.type) == (400, "invalid_image") and len(script.posts) == 1
+
+
+def test_the_client_imports_without_torch() -> None:
+    code = ("import sys; sys.modules['torch'] = None\n"  # `import torch` now raises ImportError
+            "import service.client\n"
+            "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+            "print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
