@@ -28,6 +28,12 @@ lint: venv
 	$(BIN)/ruff check service models tests bench
 	$(BIN)/mypy
 
+# Scale-out on one machine: replicas behind a real HAProxy (Debian's haproxy): the split, a rolling update
+# with zero failed requests, a SIGKILL (about a minute). METTA_LB_OUT=dir writes the figures as JSON.
+.PHONY: lb-test
+lb-test: venv
+	METTA_LB_TEST=1 $(BIN)/pytest tests/e2e/test_load_balancer.py -v -s $(PYTEST_ARGS)
+
 # The container image built air-gapped and run for real (root; installs docker.io and debootstrap; 15 min cold).
 docker-test: venv
 	METTA_DOCKER_TEST=1 $(BIN)/pytest tests/e2e/test_docker_image.py -v -s $(PYTEST_ARGS)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 import time
 import types
@@ -60,21 +59,10 @@ def serve_main(argv: list[str] | None = None) -> None:
     settings = settings_from_args(parser.parse_args(argv))
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import uvicorn
-
     from service.api.app import create_app
-    from service.api.protocol import serving_protocol
+    from service.api.server import serve
 
-    # uvicorn drains on SIGTERM, then re-raises the signal under the handler that was there before
-    # it started; with the default one the process would die by the signal (exit -15) after a clean
-    # drain. A no-op handler lets the drained server exit 0, as orchestrators expect.
-    signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    # One process owns the device and its metrics: more uvicorn workers would load the model again
-    # per worker and split the metrics, so scale with more containers instead.
-    app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, workers=1, http=serving_protocol(settings, app),
-                log_level=settings.log_level, timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None,
-                access_log=False)
+    serve(create_app(settings), settings)  # one uvicorn worker; SIGTERM: lame duck, drain, exit 0
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -83,7 +83,10 @@ class Settings(BaseSettings):
     max_json_elements: int = Field(10_000, ge=1, description="values in a JSON body, counted before parsing")
     max_inflight_body_bytes: int = Field(
         256 * 1024 * 1024, ge=1, description="request bodies held at once, server-wide (else 429)")
-    shutdown_grace_s: float = Field(30.0, ge=0, description="SIGTERM: time to finish in-flight work")
+    # The drain outlasts the longest admitted request (request_timeout_s), or SIGTERM could cut one off.
+    shutdown_grace_s: float = Field(65.0, ge=0, description="SIGTERM: time to finish in-flight work")
+    shutdown_delay_s: float = Field(0.0, ge=0, description="SIGTERM: keep accepting this long with /readyz 503 "
+                                    "first (a load balancer's health check takes the replica out)")
 
     # Defaults for requests that do not say. Chosen for search and matching (docs/quality.md): multi-resolution
     # S=3 gave the best near-duplicate recall@1 for 1.75x the pixels of one view; classification users

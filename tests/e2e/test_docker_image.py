@@ -48,6 +48,11 @@ BASE_IMAGE = "metta-base:bookworm"
 IMAGE = "metta-serve:docker-test"
 NAME = "metta-docker-test"  # prefix of every container this test starts
 STOP_TIMEOUT_S = 40  # > the image's METTA_SHUTDOWN_GRACE_S (30): SIGKILL only if the drain hangs
+# The container as the Kubernetes manifests run it (docker/kubernetes/base/deployment.yaml): read-only root
+# with /tmp on a tmpfs (the emptyDir), uid/gid 10001 (runAsUser), every capability dropped, no privilege
+# escalation.
+AS_A_POD = ("--read-only", "--tmpfs", "/tmp", "--user", "10001:10001", "--cap-drop", "ALL",
+            "--security-opt", "no-new-privileges")
 
 Labels = list[tuple[Path, int]]  # the sample_labels fixture: (photo, class index)
 
@@ -258,13 +263,12 @@ def wait_ready(url: str, docker: Docker, container: str, timeout: float = 300) -
 
 @pytest.fixture(scope="module")
 def container(docker: Docker, image: str) -> str:
-    """The image as deployed: read-only root, /tmp on tmpfs, no capabilities, on a loopback port.
-    The host's network namespace (METTA_HOST/METTA_PORT pick the address) because this daemon has no
-    bridge; the HEALTHCHECK reads the same METTA_PORT."""
+    """The image as deployed (AS_A_POD): read-only root, /tmp on tmpfs, uid 10001, no capabilities, on a
+    loopback port. The host's network namespace (METTA_HOST/METTA_PORT pick the address) because this
+    daemon has no bridge; the HEALTHCHECK reads the same METTA_PORT."""
     port = free_port()
     name = f"{NAME}-main"
-    docker("run", "-d", "--name", name, "--network", "host", "--read-only", "--tmpfs", "/tmp",
-           "--cap-drop", "ALL", "--security-opt", "no-new-privileges", "--health-interval", "2s",
+    docker("run", "-d", "--name", name, "--network", "host", *AS_A_POD, "--health-interval", "2s",
            "-e", "METTA_HOST=127.0.0.1", "-e", f"METTA_PORT={port}", "-e", "METTA_DEVICE=cpu", image)
     url = f"http://127.0.0.1:{port}"
     wait_ready(url, docker, name)
@@ -311,6 +315,10 @@ def test_runs_as_non_root_on_a_read_only_root(container: str, docker: Docker) ->
     status = docker("exec", name, "cat", "/proc/1/status").stdout
     uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
     assert uid_line.split()[1:] == ["10001"] * 4, uid_line
+    # --cap-drop ALL empties the bounding set (a non-root process has no effective capabilities anyway)
+    bounding = next(line for line in status.splitlines() if line.startswith("CapBnd:"))
+    assert int(bounding.split()[1], 16) == 0, f"capabilities left: {bounding}"
+    assert docker.inspect(name, "{{.HostConfig.CapDrop}}") in ("[ALL]", "[all]")
     assert docker.inspect(name, "{{.HostConfig.ReadonlyRootfs}}") == "true"
     denied = docker("exec", name, "python", "-c", "open('/opt/venv/x', 'w')", check=False)
     assert denied.returncode != 0 and "Read-only file system" in denied.stderr, denied.stderr
@@ -330,7 +338,7 @@ def test_healthcheck_reports_healthy(container: str, docker: Docker) -> None:
 def test_serves_offline_with_weights_inside_the_image(image: str, docker: Docker) -> None:
     """No network at all: /readyz (model loaded and warmed up) asked from inside the container."""
     name = f"{NAME}-offline"
-    docker("run", "-d", "--name", name, "--network", "none", "--read-only", "--tmpfs", "/tmp", image)
+    docker("run", "-d", "--name", name, "--network", "none", *AS_A_POD, image)
     probe = "import urllib.request as u; print(u.urlopen('http://127.0.0.1:8000/readyz', timeout=2).status)"
     deadline = time.monotonic() + 300
     while docker("exec", name, "python", "-c", probe, check=False).stdout.strip() != "200":

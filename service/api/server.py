@@ -1,0 +1,55 @@
+"""The app under uvicorn, with a lame-duck period on SIGTERM.
+
+SIGTERM → /readyz answers 503 at once while the port stays open `shutdown_delay_s` longer, so a load
+balancer's health check takes the replica out before any new request meets a closed port → uvicorn's
+drain: stop accepting, finish what was admitted (up to `shutdown_grace_s`), lifespan shutdown → exit 0.
+On Kubernetes the preStop sleep plays the delay's part (the pod leaves the endpoints before SIGTERM).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from types import FrameType
+
+import uvicorn
+from fastapi import FastAPI
+
+from service.api.protocol import serving_protocol
+from service.settings import Settings
+
+
+class LameDuckServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, app: FastAPI, delay_s: float) -> None:
+        super().__init__(config)
+        self._app = app
+        self._delay_s = delay_s
+        self._lame_duck = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # A plain attribute write: safe in a signal handler (no locks taken here).
+        self._app.state.metta.draining = True
+        if sig == signal.SIGTERM and self._delay_s > 0 and not self._lame_duck:
+            self._lame_duck = True  # a second SIGTERM, or SIGINT, stops at once
+            threading.Thread(target=self._exit_later, args=(sig, frame), name="metta-lame-duck", daemon=True).start()
+            return
+        super().handle_exit(sig, frame)
+
+    def _exit_later(self, sig: int, frame: FrameType | None) -> None:
+        self._app.state.metta.metrics.ready.set(0)
+        time.sleep(self._delay_s)
+        super().handle_exit(sig, frame)
+
+
+def serve(app: FastAPI, settings: Settings) -> None:
+    # uvicorn drains on SIGTERM, then re-raises the signal under the handler that was there before
+    # it started; with the default one the process would die by the signal (exit -15) after a clean
+    # drain. A no-op handler lets the drained server exit 0, as orchestrators expect.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    # One process owns the device and its metrics: more uvicorn workers would load the model again
+    # per worker and split the metrics, so scale with more containers instead.
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, workers=1, log_level=settings.log_level,
+                            timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None, access_log=False,
+                            http=serving_protocol(settings, app))  # header/body limits and timeouts (issue 15)
+    LameDuckServer(config, app, settings.shutdown_delay_s).run()
