@@ -111,7 +111,8 @@ def view_costs(name: str, photos: list[bytes], samples: int, threads: int, rando
     from bench.peers.common import build_backbone
     from service.core.decode import decode_image
     from service.core.embedding import EmbedOptions, ImageJob
-    from service.core.policies import CropFlipPolicy, render_view
+    from service.core.policies import CropFlipPolicy
+    from service.core.render import render_view
 
     torch.set_num_threads(threads)
     spec = build_backbone(name, random_weights).spec

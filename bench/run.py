@@ -187,13 +187,13 @@ def py_spy_summary(raw_path: Path) -> dict[str, Any]:
     """Collapsed py-spy stacks → share of samples per pipeline stage (first matching frame, innermost first)."""
     stages = (("forward (engine)", ("models/execution.py",)),
               ("normalise uint8→float", ("normalize (",)),
-              ("forward (engine)", ("embed_views (",)),
-              ("render views", ("render_view (", "run_chunks (")),
-              ("plan + downscale", ("shrink_for_views (", "service/policies.py")),
-              ("decode JPEG", ("service/decode.py",)),
-              ("reduce", ("service/reduce.py",)),
+              ("forward (engine)", ("embed_views (", "forward (")),
+              ("render views", ("render_view (", "render_batch (")),
+              ("plan + downscale", ("shrink_for_views (", "service/core/policies.py")),
+              ("decode JPEG", ("service/core/decode.py",)),
+              ("reduce", ("service/core/reduce.py",)),
               ("reply JSON", ("_reply (", "_encode (")),
-              ("request parse", ("service/requests.py", "b64decode (")))
+              ("request parse", ("service/api/requests.py", "b64decode (")))
     counts: dict[str, float] = {}
     total = 0.0
     for line in raw_path.read_text().splitlines():

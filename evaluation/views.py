@@ -20,7 +20,8 @@ import torch
 
 from models import LoadedModel
 from service.core.embedding import EmbedOptions, ImageJob
-from service.core.policies import Policy, View, render_view
+from service.core.policies import Policy, View
+from service.core.render import render_view
 
 log = logging.getLogger("metta.eval")
 

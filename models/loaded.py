@@ -102,8 +102,22 @@ class LoadedModel:
         # In place on the fresh float copy: half the time of `(x - mean) / std` (two fewer full-batch tensors)
         return views.float().sub_(self._mean).div_(self._std)
 
+    def normalize_float(self, views: torch.Tensor) -> torch.Tensor:
+        """float (B, 3, H, W) pixels in [0, 255] (a device renderer's output) → normalised, in place."""
+        if not views.is_floating_point() or views.ndim != 4 or views.shape[1] != 3:
+            raise ModelError(f"expected a float (B, 3, H, W) batch, got {views.dtype} {tuple(views.shape)}")
+        return views.to(self.device, torch.float32).sub_(self._mean).div_(self._std)
+
+    def forward(self, normalized: torch.Tensor) -> torch.Tensor:
+        """Pooled embeddings (B, dim), float32 on the CPU, of a normalised batch (from `normalize`)."""
+        with torch.inference_mode():
+            return self._run(normalized).float().cpu()
+
     def embed_views(self, views: torch.Tensor) -> torch.Tensor:
         """Pooled embeddings (B, dim), float32 on the CPU, for a batch of same-size uint8 views."""
-        with torch.inference_mode():
-            out = self._run(self.normalize(views))
-            return out.float().cpu()
+        return self.forward(self.normalize(views))
+
+    def empty_cache(self) -> None:
+        """Give cached device memory back (after an out-of-memory error)."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

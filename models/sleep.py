@@ -28,8 +28,8 @@ class SleepBackbone(nn.Module):
         super().__init__()
         self.seconds_per_crop = microseconds_per_crop / 1e6
         generator = torch.Generator().manual_seed(1280)
-        projection = torch.randn(_POOLED, SLEEP_DIM, generator=generator) / _POOLED**0.5
-        self.register_buffer("projection", projection)
+        self.projection: torch.Tensor
+        self.register_buffer("projection", torch.randn(_POOLED, SLEEP_DIM, generator=generator) / _POOLED**0.5)
         self.eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

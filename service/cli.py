@@ -94,7 +94,7 @@ def _embed_command(args: argparse.Namespace) -> None:
     from service.core.decode import decode_image
     from service.core.embedding import embed
     from service.core.errors import ServiceError
-    from service.core.policies import PolicyError
+    from service.core.options import PolicyError
 
     overrides = {k: getattr(args, k) for k in ("model", "mode", "device") if getattr(args, k) is not None}
     settings = Settings(**overrides)
@@ -107,7 +107,7 @@ def _embed_command(args: argparse.Namespace) -> None:
         started = time.perf_counter()
         result = embed(model, images, samples=samples, policy=policy, seed=args.seed,
                        return_variance=args.variance, normalize=args.normalize,
-                       max_batch_crops=settings.max_batch_crops)
+                       max_batch_crops=settings.batching(model.device.type).max_batch_crops)
     except (ServiceError, PolicyError, OSError) as exc:
         sys.exit(f"metta embed: {exc}")
     elapsed = time.perf_counter() - started

@@ -60,7 +60,17 @@ class Metrics:
             "metta_batch_crops", "Crops per batch.", buckets=_BATCH_CROPS_BUCKETS, registry=r)
         self.batch_requests = Histogram(
             "metta_batch_requests", "Requests sharing one batch.", buckets=_BATCH_REQUESTS_BUCKETS, registry=r)
-        self.queue_crops = Gauge("metta_queue_crops", "Crops admitted and not yet computed.", registry=r)
+        self.queue_crops = Gauge(
+            "metta_queue_crops", "Crops admitted and not yet computed (auto-S requests at the S they asked for).",
+            registry=r)
+        self.queue_wait_estimate = Gauge(
+            "metta_queue_wait_estimate_seconds",
+            "The wait a new request would see: the crops queued now at the pace measured lately (0 when idle).",
+            registry=r)
+        self.forward_input_wait = Histogram(
+            "metta_forward_input_wait_seconds",
+            "Time the forward stage waited for its next rendered batch while that batch was being made "
+            "(0 when rendering keeps ahead of the model).", buckets=_STAGE_BUCKETS, registry=r)
         self.max_queue_crops = Gauge("metta_max_queue_crops", "The queue's bound (max_queue_crops).", registry=r)
         self.max_batch_crops = Gauge("metta_max_batch_crops", "The batch size bound (max_batch_crops).",
                                      registry=r)

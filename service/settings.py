@@ -14,6 +14,12 @@ from service.core.options import ONE_VIEW_POLICIES, PolicyName
 
 if TYPE_CHECKING:
     from models import ModelOptions
+    from service.engine.scheduler import BatchingConfig
+
+# (max_batch_crops, chunk_crops) per device type. CPU: the batching sweep in docs/benchmarks.md (2 cores,
+# OpenVINO; one S=32 request is one forward). CUDA: a forward of this backbone needs hundreds of crops
+# to fill the device (bench/gpu.sh sweeps it where a GPU is lent; not yet measured on one).
+BATCHING_DEFAULTS = {"cpu": (32, 16), "cuda": (256, 64)}
 
 
 def available_cpus() -> int:
@@ -61,10 +67,11 @@ class Settings(BaseSettings):
     device_jpeg_decode: bool = Field(True, description="on CUDA, decode JPEGs on the GPU (nvJPEG via torchvision)")
     icc_to_srgb: bool = Field(True, description="convert embedded ICC colour profiles to sRGB at decode")
 
-    # Batching (counted in crops: one request brings images × samples of them)
-    # Defaults from the sweep in docs/benchmarks.md (2-core CPU, OpenVINO): one S=32 request is one forward.
-    max_batch_crops: int = Field(32, ge=1)
-    chunk_crops: int = Field(16, ge=1, description="crops one request may put in a batch per turn (fairness)")
+    # Batching (counted in crops: one request brings images × samples of them). Unset: per device type
+    # (`BATCHING_DEFAULTS`): a CPU forward is at full speed by 32 crops, a GPU forward wants hundreds.
+    max_batch_crops: int | None = Field(None, ge=1, description="crops per forward batch (default: per device)")
+    chunk_crops: int | None = Field(
+        None, ge=1, description="crops one request may put in a batch per turn, for fairness (default: per device)")
     max_wait_ms: float = Field(0.0, ge=0, description="wait for more work only while others are queued")
     max_queue_crops: int = Field(2048, ge=1)
     max_request_crops: int = Field(1024, ge=1)
@@ -123,6 +130,15 @@ class Settings(BaseSettings):
         if self.max_request_crops > self.max_queue_crops:
             raise ValueError("max_request_crops must not exceed max_queue_crops (such a request could never run)")
         return self
+
+    def batching(self, device_type: str) -> BatchingConfig:
+        """The batching bounds for a model on `device_type`: the settings where given, else its defaults."""
+        from service.engine.scheduler import BatchingConfig
+
+        default_batch, default_chunk = BATCHING_DEFAULTS.get(device_type, BATCHING_DEFAULTS["cpu"])
+        max_batch = self.max_batch_crops or default_batch
+        chunk = self.chunk_crops or min(default_chunk, max_batch)
+        return BatchingConfig(max_batch, chunk, self.max_wait_ms, self.max_queue_crops)
 
     def model_options(self) -> ModelOptions:
         """What `models.create_model` needs from these settings."""

@@ -47,7 +47,8 @@ class MettaAPI(ls.LitAPI):
             else:
                 from service.core.decode import decode_image
                 from service.core.embedding import EmbedOptions, ImageJob
-                from service.core.policies import CropFlipPolicy, render_view
+                from service.core.policies import CropFlipPolicy
+                from service.core.render import render_view
 
                 image = decode_image(base64.b64decode(data), max_pixels=40_000_000, max_side=12_000)
                 job = ImageJob(image, EmbedOptions(samples, CropFlipPolicy(), seed), self.loaded)

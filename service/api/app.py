@@ -40,7 +40,7 @@ from service.core.embedding import EmbedOptions, ImageJob, ImageResult
 from service.core.errors import DeadlineExceeded, InvalidOption, NotReady, ServiceError, Unauthorized
 from service.core.policies import make_policy
 from service.engine.budget import Budget
-from service.engine.worker import BatchingConfig, Engine
+from service.engine.worker import Engine
 from service.metrics import Metrics, samples_label
 from service.settings import Settings
 
@@ -94,8 +94,7 @@ def create_app(settings: Settings | None = None, *, model: LoadedModel | None = 
                             color="icc-srgb" if settings.icc_to_srgb else "none")
         metrics.model_info.labels(loaded.name, loaded.fingerprint, str(loaded.dim), str(loaded.device),
                                   loaded.dtype, loaded.mode).set(1)
-        config = BatchingConfig(settings.max_batch_crops, settings.chunk_crops, settings.max_wait_ms,
-                                settings.max_queue_crops)
+        config = settings.batching(loaded.device.type)
         async with Engine(loaded, config, metrics) as engine:
             state.engine = engine
             await _warm_up(state)
@@ -303,7 +302,7 @@ async def _warm_up(state: ServiceState) -> None:
     size = state.model.spec.preprocess.resize_size
     generator = torch.Generator().manual_seed(0)
     image = torch.randint(0, 256, (3, size, size + size // 3), dtype=torch.uint8, generator=generator)
-    samples = min(state.settings.max_batch_crops, state.settings.max_queue_crops)
+    samples = min(state.engine.config.max_batch_crops, state.settings.max_queue_crops, state.settings.max_samples)
     options = EmbedOptions(samples, make_policy("crop_flip"), 0)
     await state.engine.submit([ImageJob(image, options, state.model)], timeout_s=600)
 

@@ -8,18 +8,21 @@ and the library compute exactly the same thing.
 
 from __future__ import annotations
 
-import time
+import logging
 from collections import defaultdict
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from models import LoadedModel
 from service.core.options import PolicyError, check_seed, samples_for
-from service.core.policies import Policy, View, check_image, make_policy, render_view, shrink_for_views
+from service.core.policies import Policy, View, check_image, make_policy
 from service.core.reduce import RunningStats, l2_normalize
+from service.core.render import pixel_interleaved, render_view, render_views_on_device, shrink_for_views
+
+log = logging.getLogger("metta.embedding")
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,14 @@ class ImageJob:
     def done(self) -> bool:
         return self.stats.count == len(self.views)
 
+    def limit(self, samples: int) -> None:
+        """Keep only the first `samples` views (auto S, before any is handed out): plans are prefix-stable,
+        so these are exactly the views of a request for that S with the same seed."""
+        if self.handed_out or not 1 <= samples <= len(self.views):
+            raise PolicyError(f"cannot cut {len(self.views)} planned views to {samples} after handing some out")
+        self.views = self.views[:samples]
+        self.render_views = self.render_views[:samples]
+
     def take(self, n: int) -> Chunk:
         """Hand out the next n (or fewer) views as a chunk."""
         start = self.handed_out
@@ -97,15 +108,6 @@ class ImageJob:
         return ImageResult(mean.astype(np.float32), variance, dispersion)
 
 
-def pixel_interleaved(image: torch.Tensor) -> torch.Tensor:
-    """The same (3, H, W) pixels stored as H×W×3 (channels_last). torch's uint8 antialiased resize works
-    on interleaved pixels, so rendering from this layout skips a repack of the source per view: measured
-    ~1.9× faster per crop_flip view on a 500×375 photo, pixel for pixel the same result."""
-    if image.stride(0) == 1:
-        return image
-    return image.permute(1, 2, 0).contiguous().permute(2, 0, 1)
-
-
 @dataclass
 class Chunk:
     """Some consecutive views of one image, run in one batch."""
@@ -115,46 +117,114 @@ class Chunk:
 
 
 @dataclass
-class StageTimes:
-    """Seconds spent per stage of one batch (for the metrics)."""
+class SizeGroup:
+    """The views of one batch that share an output size: normalised pixels on the device, and whose they are."""
 
-    augment: float = 0.0
-    forward: float = 0.0
-    reduce: float = 0.0
-    forwards: list[int] = field(default_factory=list)  # crops per forward call
+    size: int
+    pixels: torch.Tensor  # (B, 3, size, size) float32, normalised, on the model's device
+    places: list[tuple[int, int]]  # row → (chunk index, view index)
 
 
-def run_chunks(model: LoadedModel, chunks: Sequence[Chunk]) -> StageTimes:
-    """Render every chunk's views, run the forward (one call per view size), add the results.
+@dataclass
+class RenderedBatch:
+    chunks: list[Chunk]
+    groups: list[SizeGroup]
 
-    Statistics are only touched after every forward succeeded, so a failing batch leaves each
-    job exactly as it was (its views can be counted as failed, never half-added).
+
+def render_batch(model: LoadedModel, chunks: Sequence[Chunk]) -> RenderedBatch:
+    """Stage 1: the pixels of every view, grouped by output size, normalised, on the model's device.
+
+    On the CPU each view is cut and resized from the image's uint8 working copy (the fastest renderer
+    measured there); on CUDA the views of one image that share a size are made in one batched call on
+    the device (`render_views_on_device`), so kernels are launched per image and size, not per view.
     """
-    times = StageTimes()
-    started = time.perf_counter()
     preprocess = model.spec.preprocess
-    by_size: dict[int, list[tuple[int, int]]] = defaultdict(list)  # size → (chunk index, view index)
-    pixels: dict[int, list[torch.Tensor]] = defaultdict(list)
+    places: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    pieces: dict[int, list[torch.Tensor]] = defaultdict(list)
+    on_device = model.device.type == "cuda"
     for c, chunk in enumerate(chunks):
-        for v, view in enumerate(chunk.views):
-            by_size[view.size].append((c, v))
-            pixels[view.size].append(render_view(chunk.job.source, view, preprocess))
-    times.augment = time.perf_counter() - started
+        if on_device:
+            for size, indices in _indices_by_size(chunk.views).items():
+                views = [chunk.views[v] for v in indices]
+                pieces[size].append(render_views_on_device(chunk.job.source, views, preprocess))
+                places[size] += [(c, v) for v in indices]
+        else:
+            for v, view in enumerate(chunk.views):
+                pieces[view.size].append(render_view(chunk.job.source, view, preprocess).unsqueeze(0))
+                places[view.size].append((c, v))
+    groups = []
+    for size, parts in pieces.items():
+        pixels = torch.cat(parts)
+        normalized = model.normalize_float(pixels) if on_device else model.normalize(pixels)
+        groups.append(SizeGroup(size, normalized, places[size]))
+    return RenderedBatch(list(chunks), groups)
 
-    started = time.perf_counter()
-    outputs = [np.empty((len(chunk.views), model.dim), dtype=np.float32) for chunk in chunks]
-    for size, places in by_size.items():
-        embedded = model.embed_views(torch.stack(pixels[size])).numpy()
-        times.forwards.append(len(places))
-        for row, (c, v) in enumerate(places):
-            outputs[c][v] = embedded[row]
-    times.forward = time.perf_counter() - started
 
-    started = time.perf_counter()
-    for chunk, output in zip(chunks, outputs, strict=True):
-        chunk.job.add(output)
-    times.reduce = time.perf_counter() - started
-    return times
+def _indices_by_size(views: Sequence[View]) -> dict[int, list[int]]:
+    by_size: dict[int, list[int]] = defaultdict(list)
+    for v, view in enumerate(views):
+        by_size[view.size].append(v)
+    return by_size
+
+
+def forward_batch(model: LoadedModel, rendered: RenderedBatch,
+                  skip: Callable[[Chunk], bool] | None = None) -> list[np.ndarray | None]:
+    """Stage 2: one forward call per output size; each chunk's embeddings (None for skipped chunks).
+
+    `skip` names chunks nobody waits for any more (their request was abandoned after rendering): their
+    rows are dropped before the forward. Out of memory on a group of two or more views: the cache is
+    emptied and the group runs once more as two halves.
+    """
+    chunks = rendered.chunks
+    keep = [skip is None or not skip(chunk) for chunk in chunks]
+    outputs: list[np.ndarray | None] = [
+        np.empty((len(chunk.views), model.dim), dtype=np.float32) if kept else None
+        for chunk, kept in zip(chunks, keep, strict=True)]
+    for group in rendered.groups:
+        rows = [row for row, (c, _) in enumerate(group.places) if keep[c]]
+        if not rows:
+            continue
+        pixels = group.pixels if len(rows) == len(group.places) else group.pixels[rows]
+        embedded = _forward_splitting_on_oom(model, pixels)
+        for out_row, row in enumerate(rows):
+            c, v = group.places[row]
+            target = outputs[c]
+            assert target is not None
+            target[v] = embedded[out_row]
+    return outputs
+
+
+def _forward_splitting_on_oom(model: LoadedModel, pixels: torch.Tensor) -> np.ndarray:
+    try:
+        return model.forward(pixels).numpy()
+    except Exception as exc:
+        if not is_out_of_memory(exc) or pixels.shape[0] < 2:
+            raise
+        log.warning("out of memory on %d crops: retrying once as two halves", pixels.shape[0])
+        model.empty_cache()
+        half = pixels.shape[0] // 2
+        return np.concatenate([model.forward(pixels[:half]).numpy(), model.forward(pixels[half:]).numpy()])
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    return "out of memory" in str(exc).lower() or type(exc).__name__ == "OutOfMemoryError"
+
+
+def reduce_batch(rendered: RenderedBatch, outputs: Sequence[np.ndarray | None]) -> None:
+    """Stage 3: merge each chunk's view embeddings into its image's running statistics.
+
+    Only called once every forward of the batch succeeded, so a failing batch leaves each job as it
+    was (its views are never half-added).
+    """
+    for chunk, output in zip(rendered.chunks, outputs, strict=True):
+        if output is not None:
+            chunk.job.add(output)
+
+
+def run_chunks(model: LoadedModel, chunks: Sequence[Chunk]) -> None:
+    """Render, forward and reduce one batch in this thread (the library path; the engine overlaps them)."""
+    rendered = render_batch(model, chunks)
+    reduce_batch(rendered, forward_batch(model, rendered))
 
 
 @dataclass

@@ -18,7 +18,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-from torchvision.transforms.v2 import functional as TF
 
 from models import Preprocess
 from service.core.options import POLICY_NAMES, PolicyError, samples_for
@@ -168,52 +167,3 @@ def check_image(image: torch.Tensor) -> None:
         raise PolicyError(f"an image must have shape (3, H, W), got {tuple(image.shape)}")
     if image.shape[1] < 1 or image.shape[2] < 1:
         raise PolicyError(f"an image must not be empty, got shape {tuple(image.shape)}")
-
-
-def render_view(image: torch.Tensor, view: View, preprocess: Preprocess) -> torch.Tensor:
-    """The pixels of one view: crop, antialiased resize to (size, size), optional flip; uint8."""
-    if (view.height, view.width) == (view.size, view.size):
-        out = image[:, view.top : view.top + view.size, view.left : view.left + view.size]  # no resampling
-    else:
-        out = TF.resized_crop(image, view.top, view.left, view.height, view.width, [view.size, view.size],
-                              interpolation=_interpolation(preprocess), antialias=True)
-    return TF.horizontal_flip(out) if view.flip else out
-
-
-def shrink_for_views(image: torch.Tensor, views: list[View], preprocess: Preprocess) -> tuple[torch.Tensor, list[View]]:
-    """Downscale the image once so no view needs more than ~1 source pixel per output pixel.
-
-    A 500×375 photo's center box (328 px) is resized to 224 px anyway; resizing the whole image
-    once (to 341×256 here, exactly the classic Resize(256) step) makes every later crop cheaper,
-    and for large photos it is most of the saving. Returns the working image and the views mapped
-    onto it; images whose views all need full resolution come back unchanged.
-    """
-    height, width = int(image.shape[1]), int(image.shape[2])
-    factor = max(view.size / min(view.height, view.width) for view in views)
-    if factor >= _SHRINK_WORTH_IT:
-        return image, views
-    # Shorter side first, the longer one as torchvision's Resize(int) derives it (truncated).
-    short, long = min(height, width), max(height, width)
-    new_short = max(1, round(short * factor))
-    new_long = max(1, int(new_short * long / short))
-    new_h, new_w = (new_short, new_long) if height <= width else (new_long, new_short)
-    small = TF.resize(image, [new_h, new_w], interpolation=_interpolation(preprocess), antialias=True)
-    sy, sx = new_h / height, new_w / width
-    scale = new_short / short  # one scale for box sides keeps square boxes square
-    mapped = []
-    for view in views:
-        box_h = max(1, min(new_h, round(view.height * scale)))
-        box_w = max(1, min(new_w, round(view.width * scale)))
-        if view.centered:  # CenterCrop's own rounding on the resized image
-            top, left = round((new_h - box_h) / 2), round((new_w - box_w) / 2)
-        else:
-            top, left = min(new_h - box_h, round(view.top * sy)), min(new_w - box_w, round(view.left * sx))
-        mapped.append(View(top, left, box_h, box_w, view.size, view.flip, view.centered))
-    return small, mapped
-
-
-_SHRINK_WORTH_IT = 0.9  # below 10% smaller, a second resampling is not worth its cost
-
-
-def _interpolation(preprocess: Preprocess) -> TF.InterpolationMode:
-    return TF.InterpolationMode.BICUBIC if preprocess.interpolation == "bicubic" else TF.InterpolationMode.BILINEAR

@@ -114,7 +114,7 @@ async def test_admission_counts_round_robin_turns_not_the_whole_queue() -> None:
         engine = engine_of(client)
         spy.gate.clear()
         spy.entered.clear()
-        engine.counters.seconds_per_crop = 0.01  # pin the measured speed (no batch completes while gated)
+        engine.scheduler.seconds_per_crop = 0.01  # pin the measured speed (no batch completes while gated)
         big = asyncio.create_task(client.post("/v1/embeddings", json=body(0, samples=250)))  # 2.5 s: admitted
         await wait_until(spy.entered.is_set)
         refused = await client.post("/v1/embeddings", json=body(1, samples=512))
@@ -130,6 +130,7 @@ async def test_deadline_gives_504_and_drops_pending_crops() -> None:
     spy = ControlledModel()
     async with serve(model=spy.loaded(), request_timeout_s=0.3, max_batch_crops=4, chunk_crops=4) as client:
         engine = engine_of(client)
+        engine.scheduler.seconds_per_crop = 0.001  # pin the pace: admitted (64 ms of work), then held past 0.3 s
         spy.gate.clear()
         reply_task = asyncio.create_task(client.post("/v1/embeddings", json=body(0, samples=64)))
         reply = await reply_task
@@ -140,7 +141,7 @@ async def test_deadline_gives_504_and_drops_pending_crops() -> None:
         await asyncio.sleep(0.1)
         assert spy.crops - crops_before <= 4  # at most the batch already in the forward
         assert engine.queued_crops == 0
-        assert engine.counters.crops_dropped >= 56
+        assert engine.crops_dropped >= 56
 
 
 async def test_cancelled_clients_remaining_crops_are_not_computed() -> None:
@@ -174,18 +175,21 @@ async def test_a_failing_forward_fails_exactly_the_requests_in_that_batch() -> N
         spy.entered.clear()
         first = asyncio.create_task(client.post("/v1/embeddings", json=body(0, samples=4)))
         await wait_until(spy.entered.is_set)
+        # While the first batch is in the forward, the next one is rendered ahead: this request's.
+        ahead = asyncio.create_task(client.post("/v1/embeddings", json=body(5, samples=4)))
+        await wait_until(lambda: engine.pending_requests == 2 and engine.scheduler.waiting_requests == 0)
         calls_so_far = spy.calls
         batches_before = len(engine.counters.batch_members)
-        # The next forward (one batch holding two requests) raises; the one after succeeds.
-        spy.fail_on = lambda call: RuntimeError("kaboom") if call == calls_so_far + 1 else None
+        # The forward after those two (one batch holding both of the next requests) raises; later ones succeed.
+        spy.fail_on = lambda call: RuntimeError("kaboom") if call == calls_so_far + 2 else None
         doomed = [asyncio.create_task(client.post("/v1/embeddings", json=body(i, samples=4))) for i in (1, 2)]
-        await wait_until(lambda: engine.pending_requests == 3)
+        await wait_until(lambda: engine.pending_requests == 4)
         spy.gate.set()
-        assert (await first).status_code == 200
+        assert (await first).status_code == 200 and (await ahead).status_code == 200
         failed = [await t for t in doomed]
         assert [r.status_code for r in failed] == [500, 500]
         assert all(r.json()["error"]["type"] == "internal" and "kaboom" not in r.text for r in failed)
-        assert len(engine.counters.batch_members) == batches_before + 1  # only the first one's batch counted
+        assert len(engine.counters.batch_members) == batches_before + 2  # the first and the one ahead; not the failed
         assert (await client.post("/v1/embeddings", json=body(3))).status_code == 200  # the worker lives on
 
 

@@ -8,7 +8,8 @@ import torch
 
 from models import ModelError, ModelOptions, create_model
 from service.core.embedding import EmbedOptions, ImageJob, embed
-from service.core.policies import CropFlipPolicy, PolicyError, render_view
+from service.core.policies import CropFlipPolicy, PolicyError
+from service.core.render import render_view
 
 
 @pytest.fixture(scope="module")

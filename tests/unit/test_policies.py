@@ -19,9 +19,8 @@ from service.core.policies import (
     PolicyError,
     make_policy,
     plan_views,
-    render_view,
-    shrink_for_views,
 )
+from service.core.render import render_view, shrink_for_views
 
 PRE = Preprocess(input_size=224, resize_size=256, mean=(0.5,) * 3, std=(0.5,) * 3)
 

@@ -1,0 +1,177 @@
+"""The scheduler driven directly: no threads, no HTTP, a clock the test moves by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models import create_model
+from service.core.embedding import EmbedOptions, ImageJob
+from service.core.errors import NotReady, Overloaded
+from service.core.policies import make_policy
+from service.engine.scheduler import BatchingConfig, SamplesRange, Scheduler
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(scope="module")
+def model():  # type: ignore[no-untyped-def]
+    return create_model("dummy")
+
+
+def jobs(model, samples: int, images: int = 1, seed: int = 0) -> list[ImageJob]:  # type: ignore[no-untyped-def]
+    image = torch.zeros(3, 90, 120, dtype=torch.uint8)
+    options = EmbedOptions(samples, make_policy("crop_flip"), seed)
+    return [ImageJob(image, options, model) for _ in range(images)]
+
+
+def scheduler(clock: Clock | None = None, **config: float) -> Scheduler:
+    settings = {"max_batch_crops": 8, "chunk_crops": 4, "max_wait_ms": 0.0, "max_queue_crops": 64, **config}
+    return Scheduler(BatchingConfig(**settings), clock or Clock())  # type: ignore[arg-type]
+
+
+def complete(scheduler: Scheduler, batch, seconds: float = 0.08):  # type: ignore[no-untyped-def]
+    """What the worker does after a forward: add (fake) embeddings, then report the batch done."""
+    for chunk in batch.chunks:
+        chunk.job.add(np.ones((len(chunk.views), chunk.job.stats.mean.shape[0])))
+    return scheduler.finished(batch, seconds)
+
+
+def test_batches_are_formed_round_robin_in_chunks(model) -> None:  # type: ignore[no-untyped-def]
+    s = scheduler()
+    big = s.admit(jobs(model, 32))
+    small = s.admit(jobs(model, 4))
+    batch = s.next_batch()
+    assert batch is not None
+    assert [len(c.views) for c in batch.chunks] == [4, 4]  # a chunk each, in turn
+    assert batch.members == [big, small]
+    assert complete(s, batch) == [small]  # the small one is done after one batch
+    assert s.pending_requests == 1
+    while (batch := s.next_batch()) is not None:
+        assert batch.members == [big]
+        finished = complete(s, batch)
+    assert finished == [big] and s.pending_requests == 0 and s.queued_crops == 0
+
+
+def test_a_lone_request_fills_the_whole_batch(model) -> None:  # type: ignore[no-untyped-def]
+    s = scheduler()
+    s.admit(jobs(model, 32))
+    batch = s.next_batch()
+    assert batch is not None and batch.crops == 8
+
+
+def test_admission_is_bounded_in_crops_and_says_when_to_retry(model) -> None:  # type: ignore[no-untyped-def]
+    s = scheduler(max_queue_crops=16)
+    s.admit(jobs(model, 8, images=2))
+    with pytest.raises(Overloaded) as refused:
+        s.admit(jobs(model, 4))
+    assert "queue is full" in refused.value.message and int(refused.value.headers["Retry-After"]) >= 1
+    assert s.pending_requests == 1
+
+
+def test_an_abandoned_request_frees_its_room_at_once(model) -> None:  # type: ignore[no-untyped-def]
+    s = scheduler(max_queue_crops=16)
+    first = s.admit(jobs(model, 16))
+    with pytest.raises(Overloaded):
+        s.admit(jobs(model, 8))
+    assert s.abandon(first, "client_gone")
+    assert not s.abandon(first, "client_gone")  # once
+    assert s.queued_crops == 0 and s.crops_dropped == 16
+    second = s.admit(jobs(model, 8))  # no batch had to run first
+    batch = s.next_batch()
+    assert batch is not None and batch.members == [second]
+
+
+def test_an_abandoned_request_in_a_batch_in_flight_is_not_reported_done(model) -> None:  # type: ignore[no-untyped-def]
+    s = scheduler()
+    ticket = s.admit(jobs(model, 4))
+    batch = s.next_batch()
+    s.abandon(ticket, "client_gone")
+    assert complete(s, batch) == []
+
+
+def test_deadlines_expire_by_the_clock(model) -> None:  # type: ignore[no-untyped-def]
+    clock = Clock()
+    s = scheduler(clock)
+    late = s.admit(jobs(model, 4), timeout_s=1.0)
+    patient = s.admit(jobs(model, 4), timeout_s=10.0)
+    clock.now += 0.5
+    assert s.expire() == []
+    clock.now += 0.6
+    assert s.expire() == [late] and late.abandoned == "deadline"
+    batch = s.next_batch()
+    assert batch is not None and batch.members == [patient]
+
+
+def test_admission_refuses_what_would_miss_its_deadline_counting_round_robin_turns(model) -> None:  # type: ignore[no-untyped-def]
+    s = scheduler(max_queue_crops=1024)
+    s.seconds_per_crop = 0.01
+    s.admit(jobs(model, 250))  # 2.5 s of work ahead
+    # A small request gets one turn per queued request: 4 + 4 crops ≈ 0.08 s, well within 1 s.
+    s.admit(jobs(model, 4), timeout_s=1.0)
+    with pytest.raises(Overloaded, match="deadline"):
+        s.admit(jobs(model, 200), timeout_s=1.0)
+
+
+def test_the_pace_is_learned_from_finished_batches(model) -> None:  # type: ignore[no-untyped-def]
+    s = scheduler()
+    assert s.wait_estimate_s() == 0.0
+    s.admit(jobs(model, 8))
+    complete(s, s.next_batch(), seconds=0.08)  # 10 ms a crop
+    assert s.seconds_per_crop == pytest.approx(0.01)
+    s.admit(jobs(model, 16))
+    assert s.wait_estimate_s() == pytest.approx(0.16)
+
+
+def test_a_fuller_batch_is_waited_for_only_while_several_requests_are_queued(model) -> None:  # type: ignore[no-untyped-def]
+    clock = Clock()
+    s = scheduler(clock, max_wait_ms=50.0)
+    s.admit(jobs(model, 2))
+    assert s.fill_wait_s() == 0.0  # a lone request never waits
+    s.admit(jobs(model, 2))
+    assert s.fill_wait_s() == pytest.approx(0.05)
+    clock.now += 0.03
+    assert s.fill_wait_s() == pytest.approx(0.02)
+    s.admit(jobs(model, 4))
+    assert s.fill_wait_s() == 0.0  # a full batch is there
+
+
+def test_a_closed_scheduler_admits_nothing(model) -> None:  # type: ignore[no-untyped-def]
+    s = scheduler()
+    s.closed = True
+    with pytest.raises(NotReady):
+        s.admit(jobs(model, 1))
+
+
+def test_auto_samples_take_the_largest_s_that_fits(model) -> None:  # type: ignore[no-untyped-def]
+    s = scheduler(max_queue_crops=64)
+    wide = s.admit(jobs(model, 32), samples_range=SamplesRange(4, 32))
+    assert wide.samples == 32
+    squeezed = s.admit(jobs(model, 32, images=2), samples_range=SamplesRange(4, 32))
+    assert squeezed.samples == 16  # 32 queued + 2 × 16 = 64
+    assert s.requested_crops == 32 + 64 and s.queued_crops == 64  # the load asked for stays visible
+    with pytest.raises(Overloaded):
+        s.admit(jobs(model, 32), samples_range=SamplesRange(4, 32))
+
+
+def test_auto_samples_shrink_to_meet_the_deadline(model) -> None:  # type: ignore[no-untyped-def]
+    s = scheduler(max_queue_crops=4096, chunk_crops=8)
+    s.seconds_per_crop = 0.01
+    s.admit(jobs(model, 40))  # 0.4 s ahead in turns of 8
+    ticket = s.admit(jobs(model, 32), timeout_s=0.5, samples_range=SamplesRange(4, 32))
+    # S crops of its own + min(40, S rounded up to turns of 8) ahead must fit in 0.5 s: S = 24 (24 + 24 = 48).
+    assert ticket.samples == 24
+
+
+def test_a_limited_job_keeps_the_prefix_of_its_plan(model) -> None:  # type: ignore[no-untyped-def]
+    full = jobs(model, 32, seed=5)[0]
+    cut = jobs(model, 32, seed=5)[0]
+    cut.limit(8)
+    assert cut.views == full.views[:8] and cut.render_views == full.render_views[:8]
