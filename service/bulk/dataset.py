@@ -136,11 +136,14 @@ class Dataset:
 
     def flush(self) -> None:
         """Write the buffered rows as the next part: temporary name, fsync, rename."""
-        if not self.rows:
+        # Taken from the buffer first: a Ctrl-C inside this write can then lose these rows from this run
+        # (the next run redoes them), never write them twice.
+        rows, self.rows = self.rows, []
+        if not rows:
             return
         name = f"part-{self.next_part:05d}.parquet"
         temporary = self.root / f".{name}.tmp"
-        table = pa.Table.from_arrays(self._columns(), schema=self.schema.with_metadata(
+        table = pa.Table.from_arrays(self._columns(rows), schema=self.schema.with_metadata(
             {**self.run.metadata(), "metta.created": datetime.now(UTC).isoformat(timespec="seconds")}))
         with temporary.open("wb") as file:
             pq.write_table(table, file)
@@ -148,19 +151,18 @@ class Dataset:
             os.fsync(file.fileno())
         os.replace(temporary, self.root / name)
         self.next_part += 1
-        self.written += len(self.rows)
-        self.done.update((row.path, row.sha256) for row in self.rows)
-        self.rows = []
+        self.written += len(rows)
+        self.done.update((row.path, row.sha256) for row in rows)
 
-    def _columns(self) -> list[pa.Array]:
+    def _columns(self, rows: list[Row]) -> list[pa.Array]:
         dim = self.schema.field("embedding").type.list_size
-        columns: list[pa.Array] = [pa.array([r.path for r in self.rows], pa.string()),
-                                   pa.array([r.sha256 for r in self.rows], pa.string()),
-                                   _vectors([r.embedding for r in self.rows], dim)]
+        columns: list[pa.Array] = [pa.array([r.path for r in rows], pa.string()),
+                                   pa.array([r.sha256 for r in rows], pa.string()),
+                                   _vectors([r.embedding for r in rows], dim)]
         if self.run.variance:
-            columns.append(_vectors([r.variance for r in self.rows], dim))
+            columns.append(_vectors([r.variance for r in rows], dim))
         if self.run.dispersion:
-            columns.append(pa.array([r.dispersion for r in self.rows], pa.float64()))
+            columns.append(pa.array([r.dispersion for r in rows], pa.float64()))
         return columns
 
 
