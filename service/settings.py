@@ -64,6 +64,8 @@ class Settings(BaseSettings):
     mode: Literal["auto", "eager", "torchscript", "openvino"] = Field("auto", description="execution engine")
     threads: int = Field(default_factory=available_cpus, ge=1, description="intra-op threads (CPU)")
     decode_workers: int = Field(default_factory=available_cpus, ge=1, description="image decode threads")
+    render_workers: int = Field(default_factory=available_cpus, ge=1,
+                                description="threads rendering one batch's views, while the model runs the last")
     device_jpeg_decode: bool = Field(True, description="on CUDA, decode JPEGs on the GPU (nvJPEG via torchvision)")
     icc_to_srgb: bool = Field(True, description="convert embedded ICC colour profiles to sRGB at decode")
 

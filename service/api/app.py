@@ -95,7 +95,7 @@ def create_app(settings: Settings | None = None, *, model: LoadedModel | None = 
         metrics.model_info.labels(loaded.name, loaded.fingerprint, str(loaded.dim), str(loaded.device),
                                   loaded.dtype, loaded.mode).set(1)
         config = settings.batching(loaded.device.type)
-        async with Engine(loaded, config, metrics) as engine:
+        async with Engine(loaded, config, metrics, render_workers=settings.render_workers) as engine:
             state.engine = engine
             await _warm_up(state)
             state.ready = True

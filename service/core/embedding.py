@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -131,40 +131,58 @@ class RenderedBatch:
     groups: list[SizeGroup]
 
 
-def render_batch(model: LoadedModel, chunks: Sequence[Chunk]) -> RenderedBatch:
+def render_batch(model: LoadedModel, chunks: Sequence[Chunk], map_images: MapImages = map) -> RenderedBatch:
     """Stage 1: the pixels of every view, grouped by output size, normalised, on the model's device.
 
-    On the CPU each view is cut and resized from the image's uint8 working copy (the fastest renderer
-    measured there); on CUDA the views of one image that share a size are made in one batched call on
-    the device (`render_views_on_device`), so kernels are launched per image and size, not per view.
+    Work is done per image (all its views in this batch): on the CPU each view is cut and resized
+    from the image's uint8 working copy (the fastest renderer measured there); on CUDA the views of
+    one image that share a size are made in one batched call on the device (`render_views_on_device`),
+    so kernels are launched per image and size, not per view. `map_images` may spread the images over
+    a thread pool (torch's resize releases the GIL).
     """
-    preprocess = model.spec.preprocess
+    where_by_job: dict[int, list[tuple[int, int]]] = defaultdict(list)  # id(job) → its (chunk, view) pairs
+    sources: dict[int, torch.Tensor] = {}
+    for c, chunk in enumerate(chunks):
+        sources[id(chunk.job)] = chunk.job.source
+        where_by_job[id(chunk.job)] += [(c, v) for v in range(len(chunk.views))]
+
+    def render_image(key: int) -> list[RenderedViews]:
+        return _render_one_image(model, sources[key], chunks, where_by_job[key])
+
     places: dict[int, list[tuple[int, int]]] = defaultdict(list)
     pieces: dict[int, list[torch.Tensor]] = defaultdict(list)
-    on_device = model.device.type == "cuda"
-    for c, chunk in enumerate(chunks):
-        if on_device:
-            for size, indices in _indices_by_size(chunk.views).items():
-                views = [chunk.views[v] for v in indices]
-                pieces[size].append(render_views_on_device(chunk.job.source, views, preprocess))
-                places[size] += [(c, v) for v in indices]
-        else:
-            for v, view in enumerate(chunk.views):
-                pieces[view.size].append(render_view(chunk.job.source, view, preprocess).unsqueeze(0))
-                places[view.size].append((c, v))
+    for rendered in map_images(render_image, list(sources)):
+        for size, pixels, where in rendered:
+            pieces[size].append(pixels)
+            places[size] += where
     groups = []
     for size, parts in pieces.items():
         pixels = torch.cat(parts)
-        normalized = model.normalize_float(pixels) if on_device else model.normalize(pixels)
+        normalized = model.normalize_float(pixels) if pixels.is_floating_point() else model.normalize(pixels)
         groups.append(SizeGroup(size, normalized, places[size]))
     return RenderedBatch(list(chunks), groups)
 
 
-def _indices_by_size(views: Sequence[View]) -> dict[int, list[int]]:
-    by_size: dict[int, list[int]] = defaultdict(list)
-    for v, view in enumerate(views):
-        by_size[view.size].append(v)
-    return by_size
+RenderedViews = tuple[int, torch.Tensor, list[tuple[int, int]]]  # (output size, pixels, (chunk, view) per row)
+MapImages = Callable[[Callable[[int], list[RenderedViews]], list[int]], Iterable[list[RenderedViews]]]
+
+
+def _render_one_image(model: LoadedModel, source: torch.Tensor, chunks: Sequence[Chunk],
+                      where: list[tuple[int, int]]) -> list[RenderedViews]:
+    """One image's views in this batch, per output size: one call on CUDA, one resize per view on the CPU."""
+    preprocess = model.spec.preprocess
+    by_size: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    for c, v in where:
+        by_size[chunks[c].views[v].size].append((c, v))
+    out = []
+    for size, pairs in by_size.items():
+        views = [chunks[c].views[v] for c, v in pairs]
+        if model.device.type == "cuda":
+            pixels = render_views_on_device(source, views, preprocess)
+        else:
+            pixels = torch.stack([render_view(source, view, preprocess) for view in views])
+        out.append((size, pixels, pairs))
+    return out
 
 
 def forward_batch(model: LoadedModel, rendered: RenderedBatch,

@@ -19,6 +19,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -79,7 +80,7 @@ class Engine:
     """Start with `async with Engine(...)`; `admit(jobs)` then `await result(ticket)` gives each image's result."""
 
     def __init__(self, model: LoadedModel, config: BatchingConfig, metrics: Metrics,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, *, render_workers: int = 1) -> None:
         self.model = model
         self.config = config
         self.metrics = metrics
@@ -92,7 +93,9 @@ class Engine:
         self._slots = threading.Semaphore(2)  # batches rendered or in the forward: this one and the next
         self._rendered: queue.Queue[_InFlight | None] = queue.Queue()
         self._forwarded: queue.Queue[_InFlight | None] = queue.Queue()
-        self._forward_free_at = time.perf_counter()
+        # Rendering one batch's images in parallel: on a CPU the resizes are most of the per-crop work
+        # outside the model, and torch releases the GIL in them.
+        self._render_pool = ThreadPoolExecutor(render_workers, thread_name_prefix="metta-render")
         self._threads = [threading.Thread(target=self._guarded, args=(stage,), name=f"metta-{name}", daemon=True)
                          for name, stage in (("render", self._render_stage), ("forward", self._forward_stage),
                                              ("reduce", self._reduce_stage))]
@@ -157,6 +160,7 @@ class Engine:
             self._cond.notify_all()
         for thread in self._threads:
             await asyncio.to_thread(thread.join, 10.0)
+        self._render_pool.shutdown(wait=False)
         self._fail_all(NotReady("the service is shutting down"))
 
     # ---- the event-loop side ---------------------------------------------------------------------
@@ -232,7 +236,7 @@ class Engine:
                 return
             started = time.perf_counter()
             try:
-                rendered = render_batch(self.model, batch.chunks)
+                rendered = render_batch(self.model, batch.chunks, self._render_pool.map)
             except Exception as exc:
                 self._slots.release()
                 self._fail_batch(batch, exc, "render")

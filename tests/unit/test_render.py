@@ -69,3 +69,13 @@ def test_device_pixels_stay_comparable_with_the_cpu_renderer(sample_dir: Path, p
             device = render_views_on_device(job.source, [view], preprocess)[0]
             worst = min(worst, cosine(cpu, device))
     assert worst >= 0.9995  # measured 0.99991; the default model's embeddings of them: cosine >= 0.9991
+
+
+def test_two_chunks_of_one_image_in_a_batch_still_make_one_call() -> None:
+    model = create_model("dummy")
+    job = ImageJob(photo(7), EmbedOptions(32, make_policy("crop_flip"), 7), model)
+    chunks = [job.take(16), job.take(16)]  # a lone request's two turns in one batch
+    with mock.patch.object(render, "resample_batch", wraps=render.resample_batch) as resample:
+        rendered = embedding.render_batch(device_model(model), chunks)
+    assert resample.call_count == 1
+    assert sorted(rendered.groups[0].places) == [(c, v) for c in range(2) for v in range(16)]
