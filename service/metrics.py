@@ -6,9 +6,11 @@ label, bucketed to powers of two so its cardinality stays bounded.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import generate_latest as _generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 
 SAMPLES_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -67,6 +69,12 @@ class Metrics:
             "metta_queue_wait_estimate_seconds",
             "The wait a new request would see: the crops queued now at the pace measured lately (0 when idle).",
             registry=r)
+        # ∫ figure dt, kept exactly by the engine: increase(x[w]) / w is the figure's time-average over w.
+        self.queue_crops_integral = CallbackCounter(
+            "metta_queue_crops_seconds", "The time integral of metta_queue_crops (crop-seconds).", r)
+        self.queue_wait_estimate_integral = CallbackCounter(
+            "metta_queue_wait_estimate_seconds_seconds",
+            "The time integral of metta_queue_wait_estimate_seconds (seconds × seconds).", r)
         self.forward_input_wait = Histogram(
             "metta_forward_input_wait_seconds",
             "Time the forward stage waited for its next rendered batch while that batch was being made "
@@ -95,6 +103,22 @@ class Metrics:
 
     def generate(self) -> bytes:
         return _generate_latest(self.registry)
+
+
+class CallbackCounter:
+    """A counter whose total its owner keeps and this reads at scrape time (`set_function`, as a Gauge's)."""
+
+    def __init__(self, name: str, documentation: str, registry: CollectorRegistry) -> None:
+        self._name = name  # exported as <name>_total
+        self._documentation = documentation
+        self._read: Callable[[], float] = lambda: 0.0
+        registry.register(self)
+
+    def set_function(self, read: Callable[[], float]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self._name, self._documentation, value=self._read())
 
 
 class _CudaMemoryCollector:

@@ -35,6 +35,7 @@ from service.core.embedding import (
     render_batch,
 )
 from service.core.errors import DeadlineExceeded, InternalError, NotReady, ServiceError
+from service.engine.integral import TimeIntegral
 from service.engine.scheduler import Batch, BatchingConfig, SamplesRange, Scheduler, Ticket
 from service.metrics import Metrics
 
@@ -103,6 +104,13 @@ class Engine:
         metrics.max_batch_crops.set(config.max_batch_crops)
         metrics.queue_crops.set_function(self._locked(lambda: self.scheduler.requested_crops))
         metrics.queue_wait_estimate.set_function(self._locked(self.scheduler.wait_estimate_s))
+        # The same two figures integrated over time, exactly: they move only at scheduler events (admit,
+        # abandon, expire, batch formed, finished with a new pace, failed), and each of those is followed
+        # by `_queue_changed()` under the lock. The exported counters give the time-average over any window.
+        self._integrals = (TimeIntegral(lambda: self.scheduler.requested_crops, self.scheduler.clock),
+                           TimeIntegral(self.scheduler.wait_estimate_s, self.scheduler.clock))
+        metrics.queue_crops_integral.set_function(self._locked(self._integrals[0].total))
+        metrics.queue_wait_estimate_integral.set_function(self._locked(self._integrals[1].total))
 
     def _locked(self, read: Callable[[], float]) -> Callable[[], float]:
         def locked_read() -> float:
@@ -110,6 +118,11 @@ class Engine:
                 return read()
 
         return locked_read
+
+    def _queue_changed(self) -> None:
+        """Call under the lock after every scheduler event: closes the queue figures' integral pieces."""
+        for integral in self._integrals:
+            integral.changed()
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def __aenter__(self) -> Engine:
@@ -177,6 +190,7 @@ class Engine:
                 raise WorkerDied("the inference worker has stopped")
             try:
                 ticket = self.scheduler.admit(jobs, timeout_s=timeout_s, samples_range=samples_range)
+                self._queue_changed()
             except ServiceError as exc:
                 if exc.status == 429:
                     self.metrics.rejected.labels("overloaded").inc()
@@ -204,6 +218,7 @@ class Engine:
         """The client stopped waiting: the scheduler frees its room now; its crops not yet run never run."""
         with self._cond:
             abandoned = self.scheduler.abandon(ticket, reason)
+            self._queue_changed()
             waiter = self._waiters.get(ticket.id)
         if abandoned:
             self.metrics.rejected.labels(reason).inc()
@@ -252,12 +267,14 @@ class Engine:
                 for ticket in self.scheduler.expire():
                     self._settle_locked(ticket, DeadlineExceeded("the request's deadline passed in the queue"))
                     self.metrics.rejected.labels("deadline").inc()
+                    self._queue_changed()
                 if self.dead is not None:
                     return None
                 fill_wait = self.scheduler.fill_wait_s()
                 if fill_wait <= 0:
                     batch = self.scheduler.next_batch()
                     if batch is not None:
+                        self._queue_changed()
                         break
                     if self._stopping:
                         return None
@@ -305,6 +322,8 @@ class Engine:
             if item is _STOP:
                 return
             started = time.perf_counter()
+            # Adding the embeddings lowers the queued crops outside the lock; the integral takes the drop at
+            # `finished` below, so the time this reduce takes still counts at the figure's old value.
             reduce_batch(item.rendered, item.outputs)
             batch = item.batch
             ran = batch.crops - sum(len(c.views) for c, out in zip(item.rendered.chunks, item.outputs, strict=True)
@@ -314,6 +333,7 @@ class Engine:
             pace_s = max(item.render_s, item.forward_s, reduce_s)
             with self._cond:
                 complete = self.scheduler.finished(batch, pace_s * batch.crops / max(1, ran))
+                self._queue_changed()
                 waiters = [(ticket, self._waiters.get(ticket.id)) for ticket in complete]
             self.counters.batches += 1
             self.counters.crops_run += ran
@@ -342,6 +362,7 @@ class Engine:
         with self._cond:
             for ticket in self.scheduler.failed(batch):
                 self._settle_locked(ticket, error)
+            self._queue_changed()
 
     def _settle_locked(self, ticket: Ticket, outcome: list[ImageResult] | BaseException) -> None:
         _deliver(self._waiters.get(ticket.id), outcome)
@@ -350,6 +371,7 @@ class Engine:
         with self._cond:
             for ticket in self.scheduler.fail_all():
                 self._settle_locked(ticket, error)
+            self._queue_changed()
 
 
 def _abandoned_in(gone: set[int]) -> Callable[[Chunk], bool]:

@@ -1,27 +1,20 @@
-"""A real Prometheus, with this repository's config and rules, scraping a live metta-serve.
-
-The config is docker/prometheus/prometheus.yml with only what a test must change: the target (a free
-loopback port instead of the compose service name) and a 1 s scrape/evaluation interval.
-"""
+"""A real Prometheus, with this repository's config and rules (1 s intervals), scraping a live metta-serve."""
 
 from __future__ import annotations
 
 import io
 import math
-import shutil
-import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
-import yaml
 from PIL import Image
 
-from tests.e2e.deploy import PROMETHEUS_DIR, find_tool, recording_rule_names
-from tests.e2e.server import ServerProcess, free_port
+from tests.e2e.deploy import recording_rule_names
+from tests.e2e.prometheus import query, run_prometheus
+from tests.e2e.server import ServerProcess
 
 SAMPLES_SENT = (1, 4, 16)
 P95 = "samples:metta_request_duration_seconds:p95_1m"
@@ -29,54 +22,8 @@ P95 = "samples:metta_request_duration_seconds:p95_1m"
 
 @pytest.fixture(scope="module")
 def prometheus(dummy_server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    binary = find_tool("prometheus")
-    workdir = tmp_path_factory.mktemp("prometheus")
-    for rules in ("recording_rules.yml", "alert_rules.yml"):
-        shutil.copy(PROMETHEUS_DIR / rules, workdir / rules)
-    config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
-    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
-    # Only the service's job, pointed at the live server (the self-scrape job is not under test).
-    config["scrape_configs"] = [job for job in config["scrape_configs"] if job["job_name"] == "metta-serve"]
-    assert len(config["scrape_configs"]) == 1
-    config["scrape_configs"][0]["static_configs"] = [{"targets": [dummy_server.url.removeprefix("http://")]}]
-    (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
-
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log_path = workdir / "prometheus.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [binary, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'data'}",
-             f"--web.listen-address=127.0.0.1:{port}"],
-            cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, f"prometheus exited {process.returncode}\n{log_path.read_text()}"
-            try:
-                if httpx.get(f"{url}/-/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"prometheus not ready\n{log_path.read_text()}"
-            time.sleep(0.2)
+    with run_prometheus(tmp_path_factory.mktemp("prometheus"), dummy_server.url) as url:
         yield url
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
-
-
-def query(prometheus: str, promql: str) -> list[dict[str, Any]]:
-    reply = httpx.get(f"{prometheus}/api/v1/query", params={"query": promql}, timeout=10)
-    assert reply.status_code == 200, reply.text
-    body = reply.json()
-    assert body["status"] == "success", body
-    result: list[dict[str, Any]] = body["data"]["result"]
-    return result
 
 
 def png(seed: int) -> bytes:
