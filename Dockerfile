@@ -7,7 +7,7 @@
 #     --build-arg PIP_INSTALL_ARGS="--no-index --find-links /wheelhouse" .  # air-gapped: wheels in docker/wheelhouse/
 #
 # Run:  docker run -p 127.0.0.1:8000:8000 --read-only --tmpfs /tmp metta-serve
-# Stop: docker stop -t 35 <container>   (the service drains for up to METTA_SHUTDOWN_GRACE_S=30 s on SIGTERM)
+# Stop: docker stop -t 75 <container>   (the service drains for up to METTA_SHUTDOWN_GRACE_S=65 s on SIGTERM)
 # Every build argument and run option is explained in docs/deployment.md.
 
 # Every stage uses the same base: the virtualenv copied from `deps` points at the base's python3.
@@ -84,15 +84,21 @@ ENV PATH=/opt/venv/bin:$PATH \
     HF_HUB_OFFLINE=1 \
     METTA_HOST=0.0.0.0 \
     METTA_PORT=8000 \
-    METTA_SHUTDOWN_GRACE_S=30
+    METTA_SHUTDOWN_GRACE_S=65 \
+    MALLOC_MMAP_THRESHOLD_=1048576
 
 USER ${APP_UID}:${APP_UID}
 WORKDIR /tmp
 EXPOSE 8000
 
-# SIGTERM makes metta-serve stop admitting work, finish what is in flight (up to METTA_SHUTDOWN_GRACE_S)
-# and exit 0. Docker's default stop timeout is 10 s: give it more than the grace (docker stop -t 35,
-# compose stop_grace_period: 35s, Kubernetes terminationGracePeriodSeconds: 35).
+# MALLOC_MMAP_THRESHOLD_ fixed at 1 MiB: glibc otherwise raises it after the first big free, so later decoded
+# images come from per-thread arenas and stay in RSS once freed; the pixel budget's RSS bound assumes it
+# (docs/reliability.md).
+
+# SIGTERM makes metta-serve stop admitting work, finish what is in flight (up to METTA_SHUTDOWN_GRACE_S,
+# 65 s: longer than request_timeout_s, 60 s, the longest an admitted request runs) and exit 0. Docker's
+# default stop timeout is 10 s: give it more than the grace (docker stop -t 75, compose stop_grace_period:
+# 75s, Kubernetes terminationGracePeriodSeconds: 90 with its 10 s preStop).
 STOPSIGNAL SIGTERM
 
 # Liveness, not readiness: /healthz answers while the model is still loading (/readyz is for load balancers).

@@ -92,6 +92,9 @@ class Settings(BaseSettings):
     max_json_elements: int = Field(10_000, ge=1, description="values in a JSON body, counted before parsing")
     max_inflight_body_bytes: int = Field(
         256 * 1024 * 1024, ge=1, description="request bodies held at once, server-wide (else 429)")
+    max_queue_pixels: int = Field(
+        256_000_000, ge=1, description="decoded pixels held at once, server-wide (else 429): each image's header "
+        "size while it decodes, then its working copy's until its request settles (3 bytes each)")
     # The drain outlasts the longest admitted request (request_timeout_s), or SIGTERM could cut one off.
     shutdown_grace_s: float = Field(65.0, ge=0, description="SIGTERM: time to finish in-flight work")
     shutdown_delay_s: float = Field(0.0, ge=0, description="SIGTERM: keep accepting this long with /readyz 503 "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import hmac
 import json
 import logging
@@ -35,11 +36,11 @@ from service.api.schemas import (
     ModelsResponse,
     openapi_request_body,
 )
-from service.core.decode import decode_image
+from service.core.decode import decode_image, image_size
 from service.core.embedding import EmbedOptions, ImageJob, ImageResult
-from service.core.errors import DeadlineExceeded, InvalidOption, NotReady, ServiceError, Unauthorized
+from service.core.errors import DeadlineExceeded, InvalidOption, NotReady, Overloaded, ServiceError, Unauthorized
 from service.core.policies import make_policy
-from service.engine.budget import Budget
+from service.engine.budget import Budget, Reservation
 from service.engine.worker import Engine
 from service.metrics import Metrics, samples_label
 from service.settings import Settings
@@ -66,6 +67,8 @@ class ServiceState:
         self.api_keys = [key.encode() for key in settings.load_api_keys()]
         self.decode_pool = DecodePool(settings.decode_workers)
         self.body_budget = Budget(settings.max_inflight_body_bytes, "request-body bytes")
+        # Decoded pixels held by requests: each image's header size while it decodes, then its working copy's.
+        self.pixel_budget = Budget(settings.max_queue_pixels, "decoded pixels")
         self.jpeg_device: torch.device | None = None  # set when JPEGs are decoded on the model's GPU
 
 
@@ -187,11 +190,10 @@ async def _embeddings(request: Request, state: ServiceState) -> Response:
     parsed = await read_embeddings_request(request, settings)
     resolved = resolve_options(parsed.options, settings, model.name, len(parsed.images), [model.name])
     samples = resolved.embed.samples
+    pixels = _pixel_reservation(state)  # the request's decoded pixels, held until it settles
     metrics.inflight_requests.inc()
     try:
-        share = state.decode_pool.request_share()
-        decoding = all_or_nothing(
-            [_decode_and_plan(state, data, i, resolved, share) for i, data in enumerate(parsed.images)])
+        decoding = _decode_all(state, parsed.images, resolved, pixels)
         jobs = await _decoded_in_time(request, state, decoding, settings.request_timeout_s)
         engine = state.engine
         pending = engine.admit(jobs, settings.request_timeout_s)
@@ -202,14 +204,39 @@ async def _embeddings(request: Request, state: ServiceState) -> Response:
             raise
     finally:
         metrics.inflight_requests.dec()
+        pixels.release()
     metrics.images.inc(len(jobs))
     body = _reply(model, resolved, results)
     metrics.request_duration.labels(EMBEDDINGS, samples_label(samples)).observe(time.perf_counter() - started)
     return Response(body, media_type="application/json")
 
 
+async def _decode_all(state: ServiceState, images: list[bytes], resolved: ResolvedOptions,
+                      pixels: Reservation) -> list[ImageJob]:
+    """Every image's header size reserved at once against the pixel budget (429 when full: a request holds
+    all of its room or none, so requests cannot starve each other halfway), then each image decoded and
+    planned, shrinking the hold to the working copy it keeps."""
+    settings = state.settings
+    share = state.decode_pool.request_share()
+
+    def header_pixels(data: bytes, index: int) -> int:
+        width, height = image_size(data, max_pixels=settings.max_image_pixels, max_side=settings.max_image_side,
+                                   label=f"images[{index}]")
+        return width * height
+
+    uppers = await all_or_nothing([state.decode_pool.run(share, functools.partial(header_pixels, data, i))
+                                   for i, data in enumerate(images)])
+    try:
+        pixels.grow(sum(uppers))
+    except Overloaded:
+        state.metrics.rejected.labels("overloaded").inc()
+        raise
+    return await all_or_nothing([_decode_and_plan(state, data, i, resolved, share, pixels, upper)
+                                 for i, (data, upper) in enumerate(zip(images, uppers, strict=True))])
+
+
 async def _decode_and_plan(state: ServiceState, data: bytes, index: int, resolved: ResolvedOptions,
-                           share: asyncio.Semaphore) -> ImageJob:
+                           share: asyncio.Semaphore, pixels: Reservation, upper: int) -> ImageJob:
     settings, model = state.settings, state.model
     assert model is not None
 
@@ -222,8 +249,18 @@ async def _decode_and_plan(state: ServiceState, data: bytes, index: int, resolve
         return ImageJob(image, resolved.embed, model), elapsed
 
     job, elapsed = await state.decode_pool.run(share, work)
+    pixels.shrink(max(0, upper - job.pixels))  # the header's size was the upper bound; the working copy is less
     state.metrics.decode_duration.observe(elapsed)
     return job
+
+
+def _pixel_reservation(state: ServiceState) -> Reservation:
+    """An empty hold on the pixel budget for one request; 429 at once while the budget is over its bound."""
+    try:
+        return state.pixel_budget.reserve(0)
+    except Overloaded:
+        state.metrics.rejected.labels("overloaded").inc()
+        raise
 
 
 class ClientGone(Exception):

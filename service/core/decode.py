@@ -80,6 +80,29 @@ def decode_image(data: bytes, *, max_pixels: int, max_side: int, label: str = "i
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
+def image_size(data: bytes, *, max_pixels: int, max_side: int, label: str = "image") -> tuple[int, int]:
+    """(width, height) from the header, after the checks `decode_image` runs before decoding (same errors).
+
+    Cheap (no pixel is decoded): the service reserves the image's pixels against its budget with it first.
+    """
+    if not data:
+        raise InvalidImage(f"{label} is empty")
+    check_structure(data, label)
+    try:
+        with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as image:
+            width, height = image.size
+    except UnidentifiedImageError as exc:
+        raise InvalidImage(
+            f"{label} is not a decodable image of an allowed format ({', '.join(ALLOWED_FORMATS)})"
+        ) from exc
+    except MemoryError:
+        raise
+    except Exception as exc:  # a header Pillow's parsers choke on: decode_image would refuse it too
+        raise InvalidImage(f"{label} could not be decoded (malformed header)") from exc
+    _check_size(width, height, max_pixels=max_pixels, max_side=max_side, label=label)
+    return width, height
+
+
 def exif_orientation(image: Image.Image) -> int:
     """The EXIF orientation tag (1 = upright, 2-8 = flipped/rotated), 1 when absent or unreadable."""
     try:

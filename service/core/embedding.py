@@ -20,7 +20,13 @@ from models import LoadedModel
 from service.core.options import PolicyError, check_seed, samples_for
 from service.core.policies import Policy, View, check_image, make_policy
 from service.core.reduce import RunningStats, l2_normalize
-from service.core.render import pixel_interleaved, render_view, render_views_on_device, shrink_for_views
+from service.core.render import (
+    crop_to_views,
+    pixel_interleaved,
+    render_view,
+    render_views_on_device,
+    shrink_for_views,
+)
 
 log = logging.getLogger("metta.embedding")
 
@@ -62,14 +68,21 @@ class ImageJob:
         self.views: list[View] = options.policy.plan(
             int(image.shape[1]), int(image.shape[2]), options.samples, options.seed, model.spec.preprocess
         )
-        # Views are rendered from a working copy, downscaled once when every view allows it.
+        # Views are rendered from a working copy, downscaled once when every view allows it, then cut to the
+        # bounding box of the views' boxes: a queued image holds only the pixels its views read.
         working = image if model.device.type == "cuda" else pixel_interleaved(image)
-        self.source, self.render_views = shrink_for_views(working, self.views, model.spec.preprocess)
+        small, small_views = shrink_for_views(working, self.views, model.spec.preprocess)
+        self.source, self.render_views = crop_to_views(small, small_views)
         if model.device.type == "cuda" and self.source.device.type == "cpu":
             # One host→device copy per image (none when the JPEG was decoded there); views are made on the GPU.
             self.source = self.source.pin_memory().to(model.device, non_blocking=True)
         self.handed_out = 0
         self.stats = RunningStats(model.dim)
+
+    @property
+    def pixels(self) -> int:
+        """Pixels held by the working copy (what the service's `max_queue_pixels` budget counts)."""
+        return int(self.source.shape[1]) * int(self.source.shape[2])
 
     @property
     def pending(self) -> int:

@@ -1,4 +1,5 @@
-"""Pixels of planned views: the one-time downscale of a working copy, then each view cut and resized.
+"""Pixels of planned views: the one-time downscale of a working copy, its cut to the views' boxes, then each
+view cut and resized.
 
 Two renderers with the same pixels (up to the CPU's rounding to uint8): on the CPU, uint8 antialiased
 resizes from a pixel-interleaved working copy, one view at a time (measured fastest there: a batched
@@ -71,6 +72,27 @@ def shrink_for_views(image: torch.Tensor, views: list[View], preprocess: Preproc
 
 
 _SHRINK_WORTH_IT = 0.9  # below 10% smaller, a second resampling is not worth its cost
+
+
+def crop_to_views(image: torch.Tensor, views: list[View]) -> tuple[torch.Tensor, list[View]]:
+    """Keep only the pixels some view reads: the image cut to the bounding box of the views' boxes (whole
+    pixels, after any downscale), and the views moved onto the cut copy.
+
+    Every renderer reads a view's box and nothing around it (resampling taps outside the box are dropped),
+    so each view renders to exactly the same pixels from the cut copy. A panorama's central views keep a
+    square of it, not the whole strip. The cut is a fresh tensor in the source's layout (pixel-interleaved
+    stays interleaved), so the full image's storage is freed; an image every view spans comes back as is.
+    """
+    top = min(view.top for view in views)
+    left = min(view.left for view in views)
+    bottom = max(view.top + view.height for view in views)
+    right = max(view.left + view.width for view in views)
+    if (top, left, bottom, right) == (0, 0, int(image.shape[1]), int(image.shape[2])):
+        return image, views
+    box = image[:, top:bottom, left:right]
+    cut = box.permute(1, 2, 0).contiguous().permute(2, 0, 1) if image.stride(0) == 1 else box.contiguous()
+    moved = [View(v.top - top, v.left - left, v.height, v.width, v.size, v.flip, v.centered) for v in views]
+    return cut, moved
 
 
 def _interpolation(preprocess: Preprocess) -> TF.InterpolationMode:

@@ -1,5 +1,8 @@
 """Admission budgets counted in units other than crops: request-body bytes in flight, decoded pixels held.
 
+The pixel budget is reserved from each image's header (an upper bound, before decoding) and shrunk to its
+working copy once decoded (`Reservation.shrink`); both are released when the request settles.
+
 A budget is a counter with a bound; `reserve` either takes the whole amount or refuses with 429
 (`Overloaded`, with `Retry-After`), never blocks. One amount larger than the whole bound is still
 admitted when nothing else is held, so a single legal request can always run on an idle server (the
@@ -49,6 +52,13 @@ class Reservation:
         budget.held += amount
         budget.peak = max(budget.peak, budget.held)
         self.amount += amount
+
+    def shrink(self, amount: int) -> None:
+        """Give back `amount` of what is held: an upper bound reserved first, corrected once known."""
+        if not 0 <= amount <= self.amount:
+            raise ValueError(f"cannot give back {amount} of a reservation of {self.amount}")
+        self.budget.held -= amount
+        self.amount -= amount
 
     def release(self) -> None:
         self.budget.held -= self.amount

@@ -181,6 +181,19 @@ def test_dockerfile_passes_hadolint() -> None:
     assert_ok(run(find_tool("hadolint"), REPO / "Dockerfile"))
 
 
+def test_image_and_compose_drain_as_long_as_the_settings_default() -> None:
+    """The drain outlasts the longest admitted request (request_timeout_s); the stop timeout outlasts the drain."""
+    from service.settings import Settings
+
+    settings = Settings()
+    assert settings.shutdown_grace_s >= settings.request_timeout_s
+    image = re.search(r"METTA_SHUTDOWN_GRACE_S=(\d+)", (REPO / "Dockerfile").read_text())
+    assert image and float(image.group(1)) == settings.shutdown_grace_s, "the image's grace is the settings' default"
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["metta-serve"]
+    assert float(compose["environment"]["METTA_SHUTDOWN_GRACE_S"]) == settings.shutdown_grace_s
+    assert float(compose["stop_grace_period"].rstrip("s")) >= settings.shutdown_grace_s + 10
+
+
 def test_dockerfile_basics() -> None:
     text = (REPO / "Dockerfile").read_text()
     assert re.search(r"^USER \$\{APP_UID\}:\$\{APP_UID\}$", text, re.MULTILINE)

@@ -13,7 +13,7 @@ import pytest
 import service.api.app
 from models import ModelOptions, create_model
 from service.api.app import create_app
-from service.core.decode import decode_image
+from service.core.decode import decode_image, image_size
 from service.settings import Settings
 from tests.integration.conftest import TEST_SETTINGS, png_bytes, serve
 
@@ -42,7 +42,11 @@ def slow_decoder(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
             data = data[5:]
         return decode_image(data, **kwargs)  # type: ignore[arg-type]
 
+    def size(data: bytes, **kwargs: object) -> object:  # the header read before decoding: the real image's
+        return image_size(data.removeprefix(b"slow!"), **kwargs)  # type: ignore[arg-type]
+
     monkeypatch.setattr(service.api.app, "decode_image", decode)
+    monkeypatch.setattr(service.api.app, "image_size", size)
     return started
 
 
