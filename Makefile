@@ -55,7 +55,7 @@ soak: venv
 
 FUZZ_SECONDS ?= 300
 fuzz: venv
-	$(BIN)/python bench/fuzz_decode.py --seconds $(FUZZ_SECONDS) --hypothesis
+	$(BIN)/python -m tests.fuzz_decode --seconds $(FUZZ_SECONDS) --hypothesis
 
 # Regenerate requirements-dev.lock from the venv (requirements.lock, the runtime subset, is edited by hand).
 lock: venv

@@ -3,7 +3,7 @@
     python -m bench.bulk --images 10000 --out /tmp/bulk.json
 
 1. A folder of N images: the sample photos (../shared/data/imagenet-sample) re-encoded at varied sizes
-   (0.4x to 1.6x), or synthetic JPEGs when the photos are absent (said in the result).
+   (0.4x to 1.6x), or synthetic JPEGs of their sizes when the photos are absent (`"photos": "synthetic"`).
 2. The library: `embed()` over the same files in chunks of 64, decode included (one thread, as a user's loop).
 3. `metta embed` locally: images/s, and the peak RSS of its process tree minus its RSS right after the
    model loaded (the dataset folder appears right after the load, so that is when the baseline is read).
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import fcntl
+import io
 import json
 import os
 import pty
@@ -34,14 +35,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from bench.loadgen import SAMPLE_DIR, json_bodies, run_load
-from bench.servers import start
+from bench.loadgen import json_bodies, run_load
+from service.testing import REPO, SYNTHETIC_SIZES, TreeMemory, sample_paths, start_server, synthetic_photos, tree_memory
 
-REPO = Path(__file__).resolve().parents[1]
 _SUMMARY = re.compile(r"(\d+) embedded, (\d+) already present, (\d+) skipped as bad; ([\d.]+) s \(([\d.]+) images/s\)")
 
 
@@ -50,20 +49,18 @@ def log(message: str) -> None:
 
 
 def make_folder(folder: Path, count: int) -> str:
-    """`count` JPEGs at varied sizes; returns where the pixels came from."""
+    """`count` JPEGs at varied sizes; returns where the pixels came from ("sample" or "synthetic")."""
     folder.mkdir(parents=True, exist_ok=True)
-    paths = sorted(SAMPLE_DIR.glob("*.JPEG")) if SAMPLE_DIR.is_dir() else []
-    sources = [Image.open(path).convert("RGB") for path in paths]
-    rng = np.random.default_rng(0)
+    sources = [Image.open(path).convert("RGB") for path in sample_paths()]
+    source = "sample" if sources else "synthetic"
+    if not sources:
+        sources = [Image.open(io.BytesIO(data)).convert("RGB") for data in synthetic_photos(len(SYNTHETIC_SIZES))]
     for i in range(count):
-        if sources:
-            image = sources[i % len(sources)]
-        else:
-            image = Image.fromarray(rng.integers(0, 256, (375, 500, 3), dtype=np.uint8))
+        image = sources[i % len(sources)]
         scale = 0.4 + 1.2 * ((i * 7919) % 97) / 96  # spread over 0.4x .. 1.6x, not in file order
         size = (max(16, round(image.width * scale)), max(16, round(image.height * scale)))
         image.resize(size, Image.Resampling.BILINEAR).save(folder / f"img{i:06d}.jpg", quality=90)
-    return f"{len(sources)} sample photos" if sources else "synthetic noise JPEGs (sample photos absent)"
+    return source
 
 
 def library_rate(folder: Path, model_name: str) -> dict[str, float]:
@@ -87,44 +84,6 @@ def library_rate(folder: Path, model_name: str) -> dict[str, float]:
     return {"images": len(files), "seconds": seconds, "images_per_s": len(files) / seconds}
 
 
-def tree_memory(pid: int) -> tuple[int, int, int]:
-    """(RSS, PSS) of `pid` and all its descendants, and the RSS of `pid` alone, in bytes (from /proc).
-
-    PSS shares each page among the processes mapping it: a fork (OpenVINO's telemetry forks the process
-    to post its message) then counts once, where summed RSS counts its copy-on-write pages twice.
-    """
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            parent = int(stat[stat.rindex(")") + 2:].split()[1])
-            children.setdefault(parent, []).append(int(entry))
-    rss = pss = own = 0
-    todo = [pid]
-    while todo:
-        current = todo.pop()
-        todo += children.get(current, [])
-        fields = _kib_fields(f"/proc/{current}/status", "VmRSS:") | _kib_fields(f"/proc/{current}/smaps_rollup", "Pss:")
-        rss += fields.get("VmRSS:", 0)
-        pss += fields.get("Pss:", 0)
-        if current == pid:
-            own = fields.get("VmRSS:", 0)
-    return rss, pss, own
-
-
-def _kib_fields(path: str, name: str) -> dict[str, int]:
-    try:
-        for line in Path(path).read_text().splitlines():
-            if line.startswith(name):
-                return {name: int(line.split()[1]) * 1024}
-    except OSError:
-        pass
-    return {}
-
-
 class EmbedRun:
     """`metta embed` as a child process, stderr on a pseudo-terminal (so its progress bar is drawn and read)."""
 
@@ -136,7 +95,7 @@ class EmbedRun:
                                         cwd=REPO, stdout=subprocess.PIPE, stderr=slave, text=True)
         os.close(slave)
         self.progress = 0  # the last count the bar showed
-        self.loaded: tuple[int, int, int] | None = None  # (tree RSS, tree PSS, own RSS) right after the model loaded
+        self.loaded: TreeMemory | None = None  # (tree RSS, tree PSS, own RSS) right after the model loaded
         self.peak = [0, 0, 0]
         self._reader = threading.Thread(target=self._read_bar, args=(master,), daemon=True)
         self._reader.start()
@@ -200,7 +159,7 @@ def kill_and_resume(folder: Path, out: Path, model: str, total: int, parts_befor
 
 
 def server_rates(folder: Path, model: str, log_dir: Path, seconds: float) -> dict[str, Any]:
-    server = start("metta", ["-m", "service", "--model", model], "/readyz", log_dir)
+    server = start_server(log_dir, "--model", model, name="metta", ready_timeout=300)
     try:
         photos = [p.read_bytes() for p in sorted(folder.glob("*.jpg"))[:200]]
         load = asyncio.run(run_load(f"{server.url}/v1/embeddings", json_bodies(photos, 3, "multiscale"), samples=3,
@@ -227,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="metta-bulk-") as temp:
         folder = Path(temp) / "images"
         log(f"writing {args.images} images")
-        result["source"] = make_folder(folder, args.images)
+        result["photos"] = make_folder(folder, args.images)
         if "library" not in args.skip:
             log("library embed()")
             result["library"] = library_rate(folder, args.model)

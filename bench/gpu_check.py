@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from bench.raw_limit import measure
-from bench.servers import REPO
+from service.testing import REPO, Photos, photos, start_process
 
 MODELS = (("efficientnet_lite0", False), ("resnet50", True))  # (name, random weights)
 
@@ -34,22 +34,19 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def cosine_check(device: str, photos: list[bytes], samples: int = 8) -> dict[str, Any]:
-    """Mean embeddings (crop_flip, S views, seed 0) on `device` against the CPU fp32 reference."""
+def cosine_check(device: str, pictures: Photos, samples: int = 8) -> dict[str, Any]:
+    """Mean embeddings (crop_flip, S views, seed 0) on `device` against the CPU fp32 reference.
+
+    On synthetic photos (sample photos absent) every step still runs, and the result says so."""
     from models import ModelOptions, create_model
     from service.core.decode import decode_image
     from service.core.embedding import embed
 
-    if photos:
-        images = [decode_image(p, max_pixels=40_000_000, max_side=12_000) for p in photos]
-    else:  # no sample photos: smooth random images still exercise every step
-        gen = torch.Generator().manual_seed(0)
-        images = [torch.nn.functional.interpolate(torch.rand(1, 3, 24, 32, generator=gen), size=(375, 500),
-                                                  mode="bilinear")[0].mul(255).to(torch.uint8) for _ in range(8)]
+    images = [decode_image(p, max_pixels=40_000_000, max_side=12_000) for p in pictures.images]
     reference_mode = "eager" if device == "cpu" else "auto"
     reference = embed(create_model("efficientnet_lite0", ModelOptions(device="cpu", mode=reference_mode)),
                       images, samples=samples, policy="crop_flip", seed=0).embeddings
-    out: dict[str, Any] = {"images": len(images), "samples": samples,
+    out: dict[str, Any] = {"images": len(images), "photos": pictures.source, "samples": samples,
                            "reference": f"cpu float32 {reference_mode}", "compared": {}}
     candidates = ([("openvino", "float32"), ("openvino", "bfloat16")] if device == "cpu"
                   else [("auto", "float32"), ("auto", "bfloat16"), ("auto", "float16")])
@@ -69,23 +66,21 @@ def cosine_check(device: str, photos: list[bytes], samples: int = 8) -> dict[str
 
 def service_bench(model: str, random_weights: bool, device: str, points: list[tuple[int, int]], seconds: float,
                   log_dir: Path) -> list[dict[str, Any]]:
-    from bench.loadgen import json_bodies, sample_photos
+    from bench.loadgen import json_bodies
     from bench.run import measure_point, server_args
-    from bench.servers import launch, wait_ready
 
-    photos = sample_photos(limit=64)
-    if not photos:
-        log("no sample photos in ../shared/data/imagenet-sample: service benchmark skipped")
-        return []
-    bodies = {s: json_bodies(photos, s) for s, _ in points}
+    pictures = photos(64)
+    if pictures.source == "synthetic":
+        log("no sample photos in ../shared/data/imagenet-sample: the service benchmark uses synthetic JPEGs")
+    bodies = {s: json_bodies(pictures.images, s) for s, _ in points}
     cmd, ready = server_args("metta", model, torch.get_num_threads(), random_weights, device)
-    server = wait_ready(launch(f"gpu-{model}", cmd, ready, log_dir), timeout=300)
+    server = start_process(cmd, log_dir, name=f"gpu-{model}", ready_path=ready, ready_timeout=300, own_session=True)
     log(f"{model} served on {device} (ready in {server.started_s:.0f} s)")
     rows = []
     try:
         for s, c in points:
             row = measure_point(server, [], bodies, s, c, seconds, 1.0)
-            row["model"] = model
+            row.update(model=model, photos=pictures.source)
             rows.append(row)
     finally:
         server.stop()
@@ -142,9 +137,7 @@ def main(argv: list[str] | None = None) -> None:
             points = [(1, 16), (8, 16), (32, 16)]
         step(f"service_{model}", lambda m=model, rw=random_weights, p=points: service_bench(
             m, rw, args.device, p, seconds, log_dir))
-    from bench.loadgen import sample_photos
-
-    step("cosine", lambda: cosine_check(args.device, sample_photos(limit=16)))
+    step("cosine", lambda: cosine_check(args.device, photos(16)))
     result["elapsed_s"] = time.perf_counter() - started
     result["loadavg_end"] = os.getloadavg()
     (out / "gpu_bench.json").write_text(json.dumps(result, indent=1, default=str))

@@ -1,6 +1,7 @@
 """A closed-loop HTTP load generator: C clients, each posting its next request as soon as the last returns.
 
-Loopback only, bounded in time and in request count. Every request is one sample photo as JSON
+Loopback only, bounded in time and in request count. Every request is one sample photo (synthetic JPEGs of
+the same sizes when the photos are absent, said in the output) as JSON
 (`{"images": [base64], "samples": S, "policy": "crop_flip", "seed": k}`), the same bytes for every
 server under test, prepared before the clock starts. A minimal HTTP/1.1 keep-alive client on raw
 asyncio streams keeps the generator's own CPU use low (it shares the machine with the server);
@@ -23,20 +24,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-REPO = Path(__file__).resolve().parents[1]
-SAMPLE_DIR = REPO.parent / "shared" / "data" / "imagenet-sample"
+from service.testing import SAMPLE_DIR, photos
 
 
-def sample_photos(directory: Path = SAMPLE_DIR, limit: int = 200) -> list[bytes]:
-    """The sample JPEGs (sorted, at most `limit`); an empty list if the folder is absent."""
-    if not directory.is_dir():
-        return []
-    return [path.read_bytes() for path in sorted(directory.glob("*.JPEG"))[:limit]]
-
-
-def json_bodies(photos: list[bytes], samples: int, policy: str = "crop_flip") -> list[bytes]:
-    return [json.dumps({"images": [base64.b64encode(photo).decode("ascii")], "samples": samples,
-                        "policy": policy, "seed": i}).encode() for i, photo in enumerate(photos)]
+def json_bodies(images: list[bytes], samples: int, policy: str = "crop_flip") -> list[bytes]:
+    return [json.dumps({"images": [base64.b64encode(image).decode("ascii")], "samples": samples,
+                        "policy": policy, "seed": i}).encode() for i, image in enumerate(images)]
 
 
 @dataclass
@@ -202,13 +195,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-requests", type=int, default=100_000)
     parser.add_argument("--images-dir", type=Path, default=SAMPLE_DIR)
     args = parser.parse_args(argv)
-    photos = sample_photos(args.images_dir)
-    if not photos:
-        print(f"no sample photos in {args.images_dir}: skipping", file=sys.stderr)
-        return
-    result = asyncio.run(run_load(args.url, json_bodies(photos, args.samples), args.samples, args.concurrency,
-                                  args.seconds, args.warmup, args.max_requests))
-    print(json.dumps(asdict(result), indent=1))
+    pictures = photos(directory=args.images_dir)
+    if pictures.source == "synthetic":
+        print(f"no photos in {args.images_dir}: {len(pictures)} synthetic JPEGs of the same sizes", file=sys.stderr)
+    result = asyncio.run(run_load(args.url, json_bodies(pictures.images, args.samples), args.samples,
+                                  args.concurrency, args.seconds, args.warmup, args.max_requests))
+    print(json.dumps({**asdict(result), "photos": pictures.source}, indent=1))
 
 
 if __name__ == "__main__":

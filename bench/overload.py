@@ -3,8 +3,8 @@
     .venv/bin/python -m bench.overload --seconds 120 --clients 8 --out overload.json   # default model
     .venv/bin/python -m bench.overload --server-args "--model dummy --mode eager" --seconds 30
 
-Closed-loop clients send the soak's good mix (S in {1, 4, 8, 16}, real photos) and retry at once
-after a 429 (after 50 ms, not after Retry-After: the point is to keep the queue full). Sampled
+Closed-loop clients send the soak's good mix (S in {1, 4, 8, 16}, the sample photos or synthetic JPEGs) and
+retry at once after a 429 (after 50 ms, not after Retry-After: the point is to keep the queue full). Sampled
 every 0.2 s: the queue gauge (metta_queue_crops) against its bound and the server's RSS. Reported:
 replies by status, the offered/served ratio, latency of the 200s against the request deadline,
 Retry-After values, peak queue and RSS, and the time the first request after the load takes.
@@ -16,7 +16,6 @@ import argparse
 import collections
 import json
 import random
-import sys
 import tempfile
 import threading
 import time
@@ -24,7 +23,8 @@ from pathlib import Path
 
 import httpx
 
-from bench.soak import REPO, gauge, good_request, percentile, photos, rss_mb
+from bench.soak import PHOTOS, gauge, good_request, percentile, rss_mb
+from service.testing import photos, start_server
 
 
 def main() -> None:
@@ -35,17 +35,15 @@ def main() -> None:
                         "--max-request-crops 32 --request-timeout-s 60")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    sys.path.insert(0, str(REPO))
-    from tests.e2e.server import start_server
-
     server = start_server(Path(tempfile.mkdtemp(prefix="metta-overload-")), *args.server_args.split())
-    print(f"server: {server.url} pid {server.process.pid}, log {server.log_path}", flush=True)
-    pics = photos()
+    print(f"server: {server.url} pid {server.pid}, log {server.log_path}", flush=True)
+    pictures = photos(PHOTOS)
+    pics = pictures.images
     codes: collections.Counter[str] = collections.Counter()
     latency: list[float] = []
     retry_after: collections.Counter[str] = collections.Counter()
     queue: list[float] = []
-    rss = [rss_mb(server.process.pid)]
+    rss = [rss_mb(server.pid)]
     bound = gauge(httpx.get(f"{server.url}/metrics").text, "metta_max_queue_crops")
     stop = threading.Event()
     lock = threading.Lock()
@@ -75,7 +73,7 @@ def main() -> None:
         with httpx.Client(base_url=server.url, timeout=30) as http:
             while not stop.is_set():
                 queue.append(gauge(http.get("/metrics").text, "metta_queue_crops"))
-                rss.append(rss_mb(server.process.pid))
+                rss.append(rss_mb(server.pid))
                 time.sleep(0.2)
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(args.clients)]
@@ -96,7 +94,7 @@ def main() -> None:
         exit_code = server.terminate()
     served = codes.get("200", 0)
     report = {
-        "seconds": args.seconds, "clients": args.clients, "server_args": args.server_args,
+        "seconds": args.seconds, "clients": args.clients, "server_args": args.server_args, "photos": pictures.source,
         "replies": dict(codes), "offered_over_served": round(sum(codes.values()) / max(served, 1), 2),
         "served_per_s": round(served / args.seconds, 3),
         "latency_200_s": {"p50": round(percentile(latency, 50), 2), "p99": round(percentile(latency, 99), 2),

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from models import ModelOptions, build_backbone, create_model
+from service.testing import photos
 
 ENGINES = ("eager", "eager_cl", "torchscript", "openvino")
 BATCHES = (1, 2, 4, 8, 16, 32)
@@ -47,7 +48,7 @@ def load_runner(name: str, engine: str, dtype: str, threads: int, device: str = 
     if engine == "eager":
         return _plain_eager(name, options)
     loaded = create_model(name, options)
-    return loaded._run, loaded.spec.preprocess.input_size
+    return loaded.forward, loaded.spec.preprocess.input_size
 
 
 def time_forward(run: Callable[[torch.Tensor], torch.Tensor], batch: int, size: int, seconds: float,
@@ -103,22 +104,21 @@ def measure(name: str, engines: tuple[str, ...], batches: tuple[int, ...], dtype
             "forward32_s": forward32, "torch": torch.__version__, "python": platform.python_version()}
 
 
-def view_costs(name: str, photos: list[bytes], samples: int, threads: int, random_weights: bool = False,
+def view_costs(name: str, images: list[bytes], samples: int, threads: int, random_weights: bool = False,
                device: str = "cpu") -> dict[str, float]:
     """Per image, the service's own pre-forward work at S views: decode, plan + downscale, render + stack."""
     import types
 
-    from bench.peers.common import build_backbone
     from service.core.decode import decode_image
     from service.core.embedding import EmbedOptions, ImageJob
     from service.core.policies import CropFlipPolicy
     from service.core.render import render_view
 
     torch.set_num_threads(threads)
-    spec = build_backbone(name, random_weights).spec
+    spec = build_backbone(name, ModelOptions(random_weights=random_weights)).spec
     shim = types.SimpleNamespace(spec=spec, device=torch.device(device), dim=spec.dim)
     decode_s, plan_s, render_s = [], [], []
-    for seed, data in enumerate(photos):
+    for seed, data in enumerate(images):
         t0 = time.perf_counter()
         image = decode_image(data, max_pixels=40_000_000, max_side=12_000)
         t1 = time.perf_counter()
@@ -129,7 +129,7 @@ def view_costs(name: str, photos: list[bytes], samples: int, threads: int, rando
         decode_s.append(t1 - t0)
         plan_s.append(t2 - t1)
         render_s.append(t3 - t2)
-    return {"samples": samples, "images": len(photos), "decode_s": statistics.median(decode_s),
+    return {"samples": samples, "images": len(images), "decode_s": statistics.median(decode_s),
             "plan_shrink_s": statistics.median(plan_s), "render_s": statistics.median(render_s)}
 
 
@@ -149,18 +149,13 @@ def main(argv: list[str] | None = None) -> None:
     result = measure(args.model, tuple(args.engines.split(",")), tuple(int(b) for b in args.batches.split(",")),
                      tuple(args.dtypes.split(",")), args.threads, args.seconds, args.device, args.random_weights)
     if args.stages:
-        from bench.loadgen import sample_photos
-
-        photos = sample_photos(limit=30)
-        if photos:
-            result["stages"] = costs = view_costs(args.model, photos, args.stages, args.threads,
-                                                  args.random_weights, args.device)
-            pre = costs["decode_s"] + costs["plan_shrink_s"] + costs["render_s"]
-            print(f"S={args.stages}: decode {1000 * costs['decode_s']:.1f} ms + plan/downscale "
-                  f"{1000 * costs['plan_shrink_s']:.1f} ms + render {1000 * costs['render_s']:.1f} ms = "
-                  f"{1000 * pre:.1f} ms per image")
-        else:
-            print("no sample photos: stage costs skipped")
+        pictures = photos(30)
+        costs = view_costs(args.model, pictures.images, args.stages, args.threads, args.random_weights, args.device)
+        result["stages"] = {**costs, "photos": pictures.source}
+        pre = costs["decode_s"] + costs["plan_shrink_s"] + costs["render_s"]
+        print(f"S={args.stages}: decode {1000 * costs['decode_s']:.1f} ms + plan/downscale "
+              f"{1000 * costs['plan_shrink_s']:.1f} ms + render {1000 * costs['render_s']:.1f} ms = "
+              f"{1000 * pre:.1f} ms per image ({pictures.source} photos)")
     for dtype, best in result["R"].items():
         print(f"R[{dtype}] = {best['crops_per_s']:.1f} crops/s ({best['engine']}, batch {best['batch']})")
     if args.out:

@@ -62,7 +62,8 @@ def write_report(results: dict[str, Any], out: Path) -> str:
     add(f"Run {results.get('started')} · {results.get('cpu_model')} · {results.get('cpus')} CPUs · model "
         f"{results.get('model')} · threads {results.get('threads')} · load average (1/5/15 min) at start "
         f"{results.get('loadavg_start')}, at end {results.get('loadavg_end')} · "
-        f"{_f(results.get('elapsed_s', 0) / 60, 1)} min{' · QUICK' if results.get('quick') else ''}\n")
+        f"{_f(results.get('elapsed_s', 0) / 60, 1)} min{' · QUICK' if results.get('quick') else ''}"
+        f"{' · SYNTHETIC photos (sample photos absent)' if results.get('photos') == 'synthetic' else ''}\n")
     raw = results.get("raw")
     r = {}
     if raw:

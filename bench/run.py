@@ -15,6 +15,7 @@ import asyncio
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import threading
@@ -24,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from bench import prom
-from bench.loadgen import json_bodies, run_load, sample_photos
-from bench.servers import REPO, Server, launch, wait_ready
+from bench.loadgen import json_bodies, run_load
+from service.testing import REPO, SAMPLE_DIR, ServerProcess, photos, start_process
 
 SERVICE_S = (1, 2, 4, 8, 16, 32)
 SERVICE_C = (1, 4, 16)
@@ -63,7 +64,7 @@ def server_args(kind: str, model: str, threads: int, random_weights: bool, devic
             *rw], "/health"
 
 
-def measure_point(server: Server, others: list[Server], bodies: dict[int, list[bytes]], samples: int,
+def measure_point(server: ServerProcess, others: list[ServerProcess], bodies: dict[int, list[bytes]], samples: int,
                   concurrency: int, seconds: float, warmup: float) -> dict[str, Any]:
     """One closed-loop window against `server`; for metta-serve also the /metrics deltas of that window."""
     is_metta = server.name.startswith("metta")
@@ -125,12 +126,13 @@ def run_raw(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     return result
 
 
-def start_servers(kinds: list[str], args: argparse.Namespace, log_dir: Path) -> dict[str, Server]:
-    servers: dict[str, Server] = {}
+def start_servers(kinds: list[str], args: argparse.Namespace, log_dir: Path) -> dict[str, ServerProcess]:
+    servers: dict[str, ServerProcess] = {}
     try:
         for kind in kinds:  # one at a time: each model build gets the whole machine
             cmd, ready = server_args(kind, args.model, args.threads, args.random_weights, args.device)
-            servers[kind] = wait_ready(launch(kind, cmd, ready, log_dir), timeout=600)
+            servers[kind] = start_process(cmd, log_dir, name=kind, ready_path=ready, ready_timeout=600,
+                                          own_session=True)
             log(f"{kind} ready in {servers[kind].started_s:.0f} s (pid {servers[kind].pid})")
     except BaseException:
         for server in servers.values():
@@ -139,7 +141,7 @@ def start_servers(kinds: list[str], args: argparse.Namespace, log_dir: Path) -> 
     return servers
 
 
-def run_grid(args: argparse.Namespace, servers: dict[str, Server],
+def run_grid(args: argparse.Namespace, servers: dict[str, ServerProcess],
              bodies: dict[int, list[bytes]]) -> list[dict[str, Any]]:
     quick = args.quick
     service_points = ([(s, c) for s in (1, 8, 32) for c in (1, 16)] if quick
@@ -172,7 +174,8 @@ def run_sweep(args: argparse.Namespace, bodies: dict[int, list[bytes]], log_dir:
     configs = SWEEP[:2] if args.quick else SWEEP
     for knobs in configs:
         cmd, ready = server_args("metta", args.model, args.threads, args.random_weights, args.device, knobs)
-        server = wait_ready(launch(f"metta_sweep_{knobs[0]}_{knobs[1]}_{knobs[2]:g}", cmd, ready, log_dir), 600)
+        server = start_process(cmd, log_dir, name=f"metta_sweep_{knobs[0]}_{knobs[1]}_{knobs[2]:g}", ready_path=ready,
+                               ready_timeout=600, own_session=True)
         try:
             for s, c in SWEEP_POINTS:
                 row = measure_point(server, [], bodies, s, c, args.sweep_seconds, args.warmup)
@@ -215,7 +218,7 @@ def py_spy_summary(raw_path: Path) -> dict[str, Any]:
 def run_soak(args: argparse.Namespace, bodies: dict[int, list[bytes]], log_dir: Path, out: Path) -> dict[str, Any]:
     """metta-serve at S=32, 16 clients, for soak_s: RSS every 5 s; py-spy for 20 s in the middle."""
     cmd, ready = server_args("metta", args.model, args.threads, args.random_weights, args.device)
-    server = wait_ready(launch("metta_soak", cmd, ready, log_dir), 600)
+    server = start_process(cmd, log_dir, name="metta_soak", ready_path=ready, ready_timeout=600, own_session=True)
     rss: list[tuple[float, int]] = []
     stop = threading.Event()
     spy: dict[str, Any] = {}
@@ -269,15 +272,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reuse", type=Path, default=None,
                         help="a results.json whose parts not run now are carried over (raw, grid, sweep, soak)")
     args = parser.parse_args(argv)
+    # SIGTERM (`timeout`, a CI cancel) unwinds like Ctrl-C, so the `finally` blocks stop every server started here
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     args.seconds = args.seconds or (3.0 if args.quick else 6.0)
     args.sweep_seconds = args.sweep_seconds or (3.0 if args.quick else 5.0)
     args.reps = args.reps or (1 if args.quick else 3)
     args.soak_s = args.soak_s or (20.0 if args.quick else 300.0)
     parts = set(args.parts.split(","))
-    photos = sample_photos()
-    if not photos and parts - {"raw"}:
-        print("no sample photos in ../shared/data/imagenet-sample: skipping the load tests", file=sys.stderr)
-        parts &= {"raw"}
+    pictures = photos()
+    if pictures.source == "synthetic":
+        log(f"no sample photos in {SAMPLE_DIR}: the load tests use {len(pictures)} synthetic JPEGs of their sizes")
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     log_dir = out / "logs"
@@ -286,9 +290,9 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, Any] = {
         "argv": sys.argv, "quick": args.quick, "model": args.model, "threads": args.threads, "device": args.device,
         "cpus": os.cpu_count(), "cpu_model": _cpu_model(), "python": platform.python_version(),
-        "loadavg_start": loadavg(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "loadavg_start": loadavg(), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "photos": pictures.source,
     }
-    bodies = {s: json_bodies(photos, s) for s in sorted(set(SERVICE_S) | {1, 8, 32})} if photos else {}
+    bodies = {s: json_bodies(pictures.images, s) for s in sorted(set(SERVICE_S) | {1, 8, 32})}
     if "raw" in parts:
         results["raw"] = run_raw(args, out)
     if "grid" in parts:

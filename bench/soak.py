@@ -6,7 +6,7 @@
 First (unless --rate is given) it measures capacity: closed-loop clients send the same mix for
 --calibrate-s seconds and the served requests/s is taken as capacity. Then requests arrive open-loop
 (Poisson) at --load x capacity for --minutes: S drawn from {1 (center), 4, 8, 16}, 1-2 real photos
-(../shared/data/imagenet-sample, else synthetic images), and --bad-fraction of bad inputs of every
+(../shared/data/imagenet-sample, else synthetic JPEGs of their sizes), and --bad-fraction of bad inputs of every
 kind (not an image, truncated JPEG, SVG, a decompression bomb, bad options, invalid base64).
 Reported: requests served, replies by status and error type, latency percentiles of the good ones,
 the server's RSS at start and end (and peak), the queue gauge's peak, and the process's final state.
@@ -17,12 +17,10 @@ from __future__ import annotations
 import argparse
 import base64
 import collections
-import io
 import json
 import random
 import re
 import struct
-import sys
 import tempfile
 import threading
 import time
@@ -33,23 +31,10 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-SAMPLES = REPO.parent / "shared" / "data" / "imagenet-sample"
+from service.testing import photos, rss_bytes, start_server
 
-
-def photos(limit: int = 12) -> list[bytes]:
-    found = sorted(SAMPLES.glob("*.JPEG"))[:limit]
-    if found:
-        return [path.read_bytes() for path in found]
-    rng = np.random.default_rng(0)
-    out = []
-    for _ in range(limit):
-        buffer = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(buffer, "JPEG", quality=85)
-        out.append(buffer.getvalue())
-    return out
+PHOTOS = 12  # the good requests draw from this many photos
 
 
 def _bomb() -> bytes:
@@ -93,8 +78,7 @@ def good_request(rng: random.Random, pics: list[bytes]) -> tuple[int, dict]:
 
 
 def rss_mb(pid: int) -> float:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE).group(1)) / 1024  # type: ignore[union-attr]
+    return rss_bytes(pid) / 2**20
 
 
 def gauge(text: str, name: str) -> float:
@@ -166,7 +150,8 @@ def calibrate(url: str, pics: list[bytes], seconds: float, clients: int) -> floa
 
 def soak(url: str, pid: int | None, minutes: float, rate: float, bad_fraction: float, seed: int) -> dict:
     rng = random.Random(seed)
-    pics = photos()
+    pictures = photos(PHOTOS)
+    pics = pictures.images
     bad = bad_requests(pics[0])
     tally = Tally()
     samples: list[tuple[float, float, float]] = []  # (t, rss MB, queue crops)
@@ -210,7 +195,8 @@ def soak(url: str, pid: int | None, minutes: float, rate: float, bad_fraction: f
     after = httpx.get(f"{url}/metrics", timeout=30).text
     lat = tally.good_latency
     return {
-        "minutes": round(elapsed / 60, 2), "rate_per_s": round(rate, 3), "requests_sent": sent,
+        "minutes": round(elapsed / 60, 2), "rate_per_s": round(rate, 3), "photos": pictures.source,
+        "requests_sent": sent,
         "served_200": tally.codes.get("200 ok", 0), "replies": dict(sorted(tally.codes.items())),
         "unexpected": tally.unexpected[:20], "unexpected_count": len(tally.unexpected),
         "latency_s": {"p50": round(percentile(lat, 50), 3), "p95": round(percentile(lat, 95), 3),
@@ -237,21 +223,18 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    sys.path.insert(0, str(REPO))
-    from tests.e2e.server import start_server
-
     server = None
     if args.url is None:
         log_dir = Path(tempfile.mkdtemp(prefix="metta-soak-"))
         server = start_server(log_dir, *args.server_args.split())
-        url, pid = server.url, server.process.pid
+        url, pid = server.url, server.pid
         print(f"server: {url} pid {pid}, log {server.log_path}", flush=True)
     else:
         url, pid = args.url, None
     try:
         rate = args.rate
         if rate is None:
-            capacity = calibrate(url, photos(), args.calibrate_s, clients=4)
+            capacity = calibrate(url, photos(PHOTOS).images, args.calibrate_s, clients=4)
             rate = args.load * capacity
             print(f"capacity {capacity:.3f} requests/s (closed loop, 4 clients); soaking at {rate:.3f}/s", flush=True)
         report = soak(url, pid, args.minutes, rate, args.bad_fraction, args.seed)

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
+from service import testing
+
 # The property tests (hypothesis, schemathesis) replay a fixed set of generated examples, so a run passes
 # or fails on the code, not on the draw. METTA_HYPOTHESIS_RANDOM=1 draws new examples every run: that is
 # how new cases are found (it found the form-boolean schema mismatch in docs/reliability.md).
@@ -16,7 +18,6 @@ settings.register_profile("explore", derandomize=False)
 settings.load_profile("explore" if os.environ.get("METTA_HYPOTHESIS_RANDOM") == "1" else "replay")
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE_DIR = REPO.parent / "shared" / "data" / "imagenet-sample"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -29,17 +30,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session")
 def sample_dir() -> Path:
     """The shared ImageNet sample photos; tests that need them skip when they are absent."""
-    if not (SAMPLE_DIR / "labels.tsv").is_file():
-        pytest.skip(f"sample photos not found at {SAMPLE_DIR} (they live in ../shared, beside the checkout)")
-    return SAMPLE_DIR
+    if not (testing.SAMPLE_DIR / "labels.tsv").is_file():
+        pytest.skip(f"sample photos not found at {testing.SAMPLE_DIR} (they live in ../shared, beside the checkout)")
+    return testing.SAMPLE_DIR
 
 
 @pytest.fixture(scope="session")
 def sample_labels(sample_dir: Path) -> list[tuple[Path, int]]:
     """(photo path, ImageNet class index) for every labelled sample photo, in file order."""
-    rows = []
-    lines = (sample_dir / "labels.tsv").read_text().splitlines()
-    for line in lines[1:]:
-        name, class_index = line.split("\t")[:2]
-        rows.append((sample_dir / name, int(class_index)))
-    return rows
+    return testing.sample_labels(sample_dir)

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.e2e.server import ServerProcess, start_server
+from service.testing import ServerProcess, start_server
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,8 @@ from typing import Any
 import httpx
 import yaml
 
+from service.testing import free_port
 from tests.e2e.deploy import PROMETHEUS_DIR, find_tool
-from tests.e2e.server import free_port
 
 
 @contextmanager

@@ -17,7 +17,7 @@ from openai import OpenAI
 from PIL import Image
 
 from service.cli import main
-from tests.e2e.server import REPO, ServerProcess, start_server
+from service.testing import REPO, ServerProcess, start_server
 
 KEY = "e2e-secret-key"
 DUMMY = ["--model", "dummy", "--mode", "eager"]

@@ -14,6 +14,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from service.testing import ServerProcess
 from tests.e2e.deploy import (
     DASHBOARD,
     GRAFANA_DIR,
@@ -27,7 +28,6 @@ from tests.e2e.deploy import (
     metric_names,
     recording_rule_names,
 )
-from tests.e2e.server import ServerProcess
 
 COMPOSE_FILES = [REPO / "docker-compose.yml", REPO / "docker-compose.gpu.yml"]
 

@@ -34,7 +34,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.e2e.server import ServerProcess, free_port, start_server
+from service.testing import ServerProcess, free_port, start_server
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("METTA_DOCKER_CACHE", "/var/cache/metta-docker"))

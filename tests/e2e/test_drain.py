@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
-from tests.e2e.server import start_server
+from service.testing import start_server
 
 DELAY_S = 2.0
 

@@ -23,8 +23,8 @@ import pytest
 import yaml
 
 from service.settings import Settings
+from service.testing import ServerProcess
 from tests.e2e.deploy import REPO, exported_series_names, find_tool
-from tests.e2e.server import ServerProcess
 
 KUBE_VERSION = "1.32.0"  # a current release (kubernetes-validate ships its schemas)
 K8S = REPO / "docker" / "kubernetes"

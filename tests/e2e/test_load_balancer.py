@@ -35,8 +35,8 @@ import httpx
 import pytest
 from PIL import Image
 
+from service.testing import ServerProcess, free_port, start_server
 from tests.e2e.deploy import find_tool
-from tests.e2e.server import ServerProcess, free_port, start_server
 
 # The test model, one place to switch: `sleep:1000` waits 1 ms per crop with the GIL released and costs
 # no CPU, so the figures do not depend on what else the machine runs (`dummy --random-weights` also works).

@@ -19,7 +19,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.e2e.server import ServerProcess, start_server
+from service.testing import ServerProcess, rss_bytes, start_server
 
 KEY = "e2e-key-7f3a9c1d5b2e"  # distinctive, so grepping the log for it means something
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -43,12 +43,7 @@ def scrape(server: ServerProcess, name: str) -> float:
 
 
 def rss_mb(server: ServerProcess) -> float:
-    status = Path(f"/proc/{server.process.pid}/status").read_text()
-    return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE).group(1)) / 1024  # type: ignore[union-attr]
-
-
-def port_of(server: ServerProcess) -> int:
-    return int(server.url.rsplit(":", 1)[1])
+    return rss_bytes(server.pid) / 2**20
 
 
 def wait_for(condition, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
@@ -143,7 +138,7 @@ def test_many_clients_vanishing_mid_request_leave_nothing_behind(server: ServerP
     before = httpx.get(f"{server.url}/metrics").text
     crops_before = metric(before, "metta_crops_total")
     gone_before = metric(before, 'metta_rejected_total{reason="client_gone"}')
-    sockets = [socket.create_connection(("127.0.0.1", port_of(server))) for _ in range(clients)]
+    sockets = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(clients)]
     for sock in sockets:
         sock.sendall(raw_request(body))
     wait_for(lambda: scrape(server, "metta_inflight_requests") == clients, 30, "all requests in flight")
@@ -170,7 +165,7 @@ def test_a_client_sending_a_byte_at_a_time_is_cut_off_and_holds_no_capacity(serv
     reply = bytearray()
 
     def trickle() -> None:
-        with socket.create_connection(("127.0.0.1", port_of(server))) as sock:
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
             sock.settimeout(10)
             head, payload = request.split(b"\r\n\r\n", 1)
             sock.sendall(head + b"\r\n\r\n")
@@ -222,7 +217,7 @@ def test_a_huge_streamed_body_is_refused_without_being_held(server: ServerProces
     watcher.start()
     reply = b""
     try:
-        with socket.create_connection(("127.0.0.1", port_of(server))) as sock:
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
             sock.settimeout(10)
             head = raw_request(b"", content_length=False).replace(
                 b"\r\n\r\n", b"\r\nTransfer-Encoding: chunked\r\n\r\n")

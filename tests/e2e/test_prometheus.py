@@ -12,9 +12,9 @@ import httpx
 import pytest
 from PIL import Image
 
+from service.testing import ServerProcess
 from tests.e2e.deploy import recording_rule_names
 from tests.e2e.prometheus import query, run_prometheus
-from tests.e2e.server import ServerProcess
 
 SAMPLES_SENT = (1, 4, 16)
 P95 = "samples:metta_request_duration_seconds:p95_1m"

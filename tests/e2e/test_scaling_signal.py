@@ -25,8 +25,8 @@ import httpx
 import pytest
 from PIL import Image
 
+from service.testing import ServerProcess, start_server
 from tests.e2e.prometheus import query, run_prometheus
-from tests.e2e.server import ServerProcess, start_server
 
 MICROSECONDS_PER_CROP = 8000
 CAPACITY = 1e6 / MICROSECONDS_PER_CROP  # crops/s

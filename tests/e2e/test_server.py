@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.e2e.server import ServerProcess, start_server
+from service.testing import ServerProcess, start_server
 
 
 @pytest.fixture(scope="module")

@@ -19,9 +19,8 @@ import service.core.decode
 from service.core.decode import decode_image, device_decodable
 from service.core.errors import InvalidImage, PayloadTooLarge
 from service.core.precheck import MAX_JPEG_SCANS, check_structure, count_png_chunks
+from service.testing import SAMPLE_DIR as SAMPLES
 from tests.unit.test_decode import LIMITS, _png_header_only, as_hwc, encode, gradient
-
-SAMPLES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "imagenet-sample"
 
 
 def many_scan_jpeg(width: int, height: int, scans: int) -> bytes:

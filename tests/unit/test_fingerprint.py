@@ -4,7 +4,6 @@ mean comparable embeddings over the set-ups that run here."""
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,9 +14,9 @@ from models.loaded import fingerprint
 from models.spec import ModelError
 from service.core.decode import decode_image
 from service.core.embedding import embed
+from service.testing import SAMPLE_DIR as SAMPLES
 from tests.unit.test_decode import LIMITS, encode
 
-SAMPLES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "imagenet-sample"
 SPEC = create_model("dummy", ModelOptions(mode="eager")).spec
 
 

@@ -141,7 +141,7 @@ def test_packaged_model_refuses_other_weights(tmp_path: Path) -> None:
 
 
 if __name__ == "__main__":  # regenerate the golden embeddings
-    from tests.conftest import SAMPLE_DIR
+    from service.testing import SAMPLE_DIR
 
     names = [line.split("\t")[0] for line in (SAMPLE_DIR / "labels.tsv").read_text().splitlines()[1:4]]
     reference = create_model("efficientnet_lite0", ModelOptions(mode="eager"))

@@ -1,7 +1,10 @@
 """Fuzz the image decoder: any bytes give a checked uint8 RGB tensor, InvalidImage or PayloadTooLarge.
 
-    .venv/bin/python bench/fuzz_decode.py --seconds 300            # atheris (libFuzzer), seeded corpus
-    .venv/bin/python bench/fuzz_decode.py --seconds 300 --hypothesis   # the fallback without atheris
+    .venv/bin/python -m tests.fuzz_decode --seconds 300               # atheris (libFuzzer), seeded corpus
+    .venv/bin/python -m tests.fuzz_decode --seconds 300 --hypothesis  # the fallback without atheris
+
+Run from the repository root (`make fuzz`). Not collected by pytest (not a test_*.py file): it runs for
+minutes; `tests/unit/test_decode.py` holds the short hypothesis property that `make test` runs.
 
 atheris mutates a seed corpus of small valid images of every allowed format and odd mode (written to
 --corpus), guided by coverage of the Python code it instruments (Pillow's plugins and our decoder;
@@ -74,7 +77,7 @@ def run_atheris(seconds: int, corpus: Path, extra: list[str]) -> None:
     with atheris.instrument_imports(include=["PIL", "service"]):
         from PIL import Image
 
-        from service import decode  # noqa: F401  (instrumented import)
+        from service.core import decode  # noqa: F401  (instrumented import)
 
         Image.init()  # imports every format plugin now, inside the instrumented block
 
@@ -128,7 +131,6 @@ def main() -> None:
     parser.add_argument("--corpus", type=Path, default=Path("/tmp/metta-fuzz-corpus"))
     parser.add_argument("--hypothesis", action="store_true", help="use hypothesis even if atheris is installed")
     args, extra = parser.parse_known_args()
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     if not args.hypothesis:
         try:
             import atheris  # noqa: F401
