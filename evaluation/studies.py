@@ -43,7 +43,7 @@ class StudyConfig:
 def pixel_cost(policy: Policy, samples: int, input_size: int) -> float:
     """Pixels forwarded, in 224-px-view equivalents: Σ over views of (size / input_size)²."""
     if isinstance(policy, MultiscalePolicy):
-        sizes = [round(policy.scales[s % len(policy.scales)] * input_size) for s in range(samples)]
+        sizes = [size for size, _ in policy.sizes(samples, input_size)]
         return float(sum((size / input_size) ** 2 for size in sizes))
     return float(samples)
 

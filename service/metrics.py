@@ -23,6 +23,7 @@ _STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.
 # good as its bucket. A superset of the classic edges, so alert thresholds on them keep working.
 _REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.35, 0.5, 0.75, 1.0,
                     1.5, 2.5, 3.5, 5.0, 7.5, 10.0, 15.0, 25.0, 40.0, 60.0)
+_SAMPLES_USED_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
 _BATCH_CROPS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 _BATCH_REQUESTS_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
 
@@ -91,6 +92,12 @@ class Metrics:
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)
         self.images = Counter("metta_images", "Images embedded.", registry=r)
+        self.samples_used = Histogram(
+            "metta_samples_used", "S each request's images got (for samples='auto': the S the scheduler chose).",
+            ["endpoint"], buckets=_SAMPLES_USED_BUCKETS, registry=r)
+        self.samples_shrunk = Counter(
+            "metta_samples_shrunk", "samples='auto' requests given fewer views than their samples_max (load).",
+            ["endpoint"], registry=r)
         self.crops = Counter("metta_crops", "Crops (views) run through the model.", registry=r)
         self.ready = Gauge("metta_ready", "1 once the model is loaded and warmed up, 0 otherwise.", registry=r)
         self.model_info = Gauge("metta_model_info", "The loaded model (value is always 1).",

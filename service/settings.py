@@ -100,11 +100,14 @@ class Settings(BaseSettings):
     shutdown_delay_s: float = Field(0.0, ge=0, description="SIGTERM: keep accepting this long with /readyz 503 "
                                     "first (a load balancer's health check takes the replica out)")
 
-    # Defaults for requests that do not say. Chosen for search and matching (docs/quality.md): multi-resolution
-    # S=3 gave the best near-duplicate recall@1 for 1.75x the pixels of one view; classification users
-    # should ask for crop_flip with S >= 4.
+    # Defaults for requests that do not say, per task (docs/quality.md; figures in models/policy_quality.json).
+    # /v1/embeddings, for search and matching: multi-resolution S=3 gave the best near-duplicate recall@1 for
+    # 1.75x the pixels of one view. /v1/classify: crop_flip S=10, which keeps the head's top-1, lowers its NLL and
+    # stays calibrated (docs/quality.md §5); the head on a multiscale mean loses 11 points.
     default_samples: int = Field(3, ge=1)
     default_policy: PolicyName = "multiscale"
+    classify_samples: int = Field(10, ge=1, description="/v1/classify's S when a request does not say")
+    classify_policy: PolicyName = Field("crop_flip", description="/v1/classify's policy when a request does not say")
 
     # Auth: keys come from the environment (METTA_API_KEYS, comma-separated) or a file, one per line.
     api_keys: SecretStr | None = Field(None, description="env only, never a CLI flag")
@@ -132,6 +135,10 @@ class Settings(BaseSettings):
             raise ValueError("default_samples must not exceed max_samples")
         if self.default_policy in ONE_VIEW_POLICIES and self.default_samples != 1:
             raise ValueError(f"the {self.default_policy} policy makes one view: default_samples must be 1 with it")
+        if self.classify_samples > self.max_samples:
+            raise ValueError("classify_samples must not exceed max_samples")
+        if self.classify_policy in ONE_VIEW_POLICIES and self.classify_samples != 1:
+            raise ValueError(f"the {self.classify_policy} policy makes one view: classify_samples must be 1 with it")
         if self.max_request_crops > self.max_queue_crops:
             raise ValueError("max_request_crops must not exceed max_queue_crops (such a request could never run)")
         return self

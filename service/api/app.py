@@ -26,11 +26,17 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from models import LoadedModel, create_model
+from service.api.classify import CLASSIFY, classify, task_card
 from service.api.decoding import DecodePool, all_or_nothing
 from service.api.middleware import BodyLimitMiddleware, HeaderLimitMiddleware
-from service.api.requests import ResolvedOptions, read_embeddings_request, resolve_options
+from service.api.openai_compat import SERVED_SINCE, openai_reply, request_limits
+from service.api.requests import ResolvedOptions, ViewRequest, read_embeddings_request, resolve_options
 from service.api.schemas import (
+    ClassifyJSONRequest,
+    ClassifyOptionsIn,
+    ClassifyResponse,
     EmbeddingsResponse,
+    EmbedOptionsIn,
     ErrorResponse,
     ModelCard,
     ModelsResponse,
@@ -40,7 +46,9 @@ from service.core.decode import decode_image, image_size
 from service.core.embedding import EmbedOptions, ImageJob, ImageResult
 from service.core.errors import DeadlineExceeded, InvalidOption, NotReady, Overloaded, ServiceError, Unauthorized
 from service.core.policies import make_policy
+from service.core.uncertainty import label_free_uncertainty
 from service.engine.budget import Budget, Reservation
+from service.engine.scheduler import SamplesRange
 from service.engine.worker import Engine
 from service.metrics import Metrics, samples_label
 from service.settings import Settings
@@ -148,13 +156,19 @@ def create_app(settings: Settings | None = None, *, model: LoadedModel | None = 
         loaded = _require_model(state)
         card = ModelCard(name=loaded.name, dim=loaded.dim, default=True, fingerprint=loaded.fingerprint,
                          device=str(loaded.device), dtype=loaded.dtype, mode=loaded.mode,
-                         preprocess=asdict(loaded.spec.preprocess))
+                         preprocess=asdict(loaded.spec.preprocess), id=loaded.name, created=SERVED_SINCE,
+                         limits=request_limits(settings), **task_card(loaded, settings))
         return ModelsResponse(data=[card])
 
     @api.post("/embeddings", response_model=EmbeddingsResponse, responses=_ERROR_RESPONSES,
               openapi_extra={"requestBody": openapi_request_body()})
     async def embeddings(request: Request) -> Response:
         return await _embeddings(request, state)
+
+    @api.post("/classify", response_model=ClassifyResponse, responses=_ERROR_RESPONSES,
+              openapi_extra={"requestBody": openapi_request_body(ClassifyJSONRequest, ClassifyOptionsIn)})
+    async def classify_images(request: Request) -> Response:
+        return await classify(request, state, _require_model(state), _run_views)
 
     app.include_router(api)
     return app
@@ -187,18 +201,39 @@ async def _embeddings(request: Request, state: ServiceState) -> Response:
     settings, metrics = state.settings, state.metrics
     model = _require_model(state)
     assert state.engine is not None
-    parsed = await read_embeddings_request(request, settings)
-    resolved = resolve_options(parsed.options, settings, model.name, len(parsed.images), [model.name])
-    samples = resolved.embed.samples
+    parsed = await read_embeddings_request(request, settings, EmbedOptionsIn)
+    resolved = resolve_options(parsed.options, settings, model.name, len(parsed.images), [model.name],
+                               input_size=model.spec.preprocess.input_size)
+    assert resolved.views is not None
+    jobs, results = await _run_views(request, state, parsed.images, resolved.embed, resolved.views, EMBEDDINGS)
+    samples = len(jobs[0].views)  # auto S: what the scheduler gave this request
+    body = _reply(model, resolved, results, samples)
+    if parsed.openai:
+        body = openai_reply(body)
+    metrics.request_duration.labels(EMBEDDINGS, samples_label(samples)).observe(time.perf_counter() - started)
+    return Response(body, media_type="application/json")
+
+
+async def _run_views(request: Request, state: ServiceState, images: list[bytes], options: EmbedOptions,
+                     views: ViewRequest, endpoint: str) -> tuple[list[ImageJob], list[ImageResult]]:
+    """Decode and plan every image, run them through the engine, and wait (dropping them if the client leaves).
+
+    Shared by every endpoint that computes views, so they have the same limits, deadlines and metrics.
+    """
+    metrics = state.metrics
+    assert state.engine is not None
+    resolved = ResolvedOptions(options, "float", views)
     pixels = _pixel_reservation(state)  # the request's decoded pixels, held until it settles
     metrics.inflight_requests.inc()
     try:
-        decoding = _decode_all(state, parsed.images, resolved, pixels)
-        jobs = await _decoded_in_time(request, state, decoding, settings.request_timeout_s)
+        decoding = _decode_all(state, images, resolved, pixels)
+        jobs = await _decoded_in_time(request, state, decoding, views.timeout_s)
         engine = state.engine
-        pending = engine.admit(jobs, settings.request_timeout_s)
+        # auto S: planned at samples_max; the scheduler cuts every job to the S it gives the request (ImageJob.limit)
+        auto = None if views.auto is None else SamplesRange(*views.auto)
+        pending = engine.admit(jobs, views.timeout_s, samples_range=auto)
         try:
-            results = await _wait_unless_disconnected(request, engine.result(pending, settings.request_timeout_s))
+            results = await _wait_unless_disconnected(request, engine.result(pending, views.timeout_s))
         except (asyncio.CancelledError, ClientGone):
             engine.abandon(pending, "client_gone")  # at once, before the worker forms its next batch
             raise
@@ -206,9 +241,11 @@ async def _embeddings(request: Request, state: ServiceState) -> Response:
         metrics.inflight_requests.dec()
         pixels.release()
     metrics.images.inc(len(jobs))
-    body = _reply(model, resolved, results)
-    metrics.request_duration.labels(EMBEDDINGS, samples_label(samples)).observe(time.perf_counter() - started)
-    return Response(body, media_type="application/json")
+    samples = len(jobs[0].views)
+    metrics.samples_used.labels(endpoint).observe(samples)
+    if views.auto is not None and samples < views.auto[1]:
+        metrics.samples_shrunk.labels(endpoint).inc()
+    return list(jobs), results
 
 
 async def _decode_all(state: ServiceState, images: list[bytes], resolved: ResolvedOptions,
@@ -315,7 +352,7 @@ def _encode(vector: np.ndarray, encoding: str) -> list[float] | str:
     return values
 
 
-def _reply(model: LoadedModel, resolved: ResolvedOptions, results: list[ImageResult]) -> bytes:
+def _reply(model: LoadedModel, resolved: ResolvedOptions, results: list[ImageResult], samples: int) -> bytes:
     options = resolved.embed
     data = []
     for index, result in enumerate(results):
@@ -324,11 +361,13 @@ def _reply(model: LoadedModel, resolved: ResolvedOptions, results: list[ImageRes
             entry["variance"] = _encode(result.variance, resolved.encoding)
         if result.dispersion is not None:
             entry["dispersion"] = result.dispersion
+        if resolved.label_free_uncertainty:
+            entry["label_free_uncertainty"] = label_free_uncertainty(result.embedding)
         data.append(entry)
     reply = {
         "model": model.name, "model_fingerprint": model.fingerprint, "dim": model.dim,
-        "policy": options.policy.name, "samples": options.samples, "seed": options.seed, "data": data,
-        "usage": {"images": len(results), "crops": len(results) * options.samples},
+        "policy": options.policy.name, "samples": samples, "seed": options.seed, "data": data,
+        "usage": {"images": len(results), "crops": len(results) * samples},
     }
     return json.dumps(reply, separators=(",", ":")).encode()
 
@@ -414,8 +453,8 @@ class RequestMetricsMiddleware:
             path = scope.get("path", "")
             endpoint = path if path in _KNOWN_ENDPOINTS else "other"
             self.metrics.requests.labels(endpoint, str(status)).inc()
-            if status >= 500 or endpoint == EMBEDDINGS:
+            if status >= 500 or endpoint in (EMBEDDINGS, CLASSIFY):
                 log.info("request_id=%s %s %s -> %d", request_id, scope.get("method"), endpoint, status)
 
 
-_KNOWN_ENDPOINTS = {EMBEDDINGS, "/v1/models", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"}
+_KNOWN_ENDPOINTS = {EMBEDDINGS, CLASSIFY, "/v1/models", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"}

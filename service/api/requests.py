@@ -12,15 +12,19 @@ import json
 import re
 import secrets
 from dataclasses import dataclass
+from typing import Generic
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 from service.api.limits import check_json_size
+from service.api.openai_compat import from_openai, is_openai_body
 from service.api.schemas import (
     EmbeddingsJSONRequest,
     EmbedOptionsIn,
+    OptionsT,
+    ViewOptionsIn,
     describe_validation_error,
     parse_form_options,
 )
@@ -33,8 +37,8 @@ from service.core.errors import (
     ServiceError,
     UnsupportedMediaType,
 )
-from service.core.options import MAX_SEED, PolicyError, samples_for
-from service.core.policies import make_policy
+from service.core.options import MAX_SEED, PolicyError, auto_samples_range, samples_for
+from service.core.policies import MultiscalePolicy, make_policy
 from service.settings import Settings
 
 _DATA_URL = re.compile(r"data:image/[a-zA-Z0-9.+-]+;base64,", re.ASCII)
@@ -46,19 +50,42 @@ class RequestTimeout(ServiceError):
 
 
 @dataclass
-class ParsedRequest:
+class ParsedRequest(Generic[OptionsT]):
     images: list[bytes]
-    options: EmbedOptionsIn
+    options: OptionsT
+    openai: bool = False  # OpenAI's request shape: the reply takes OpenAI's shape too
+
+
+@dataclass(frozen=True)
+class ViewRequest:
+    """The view options every endpoint resolves alike (see `resolve_views`)."""
+
+    policy: str
+    samples: int  # S planned; for auto S, samples_max (the scheduler may cut the plan at admission)
+    auto: tuple[int, int] | None  # (samples_min, samples_max) of a samples='auto' request
+    seed: int
+    timeout_s: float  # this request's deadline
+
+    @property
+    def least_samples(self) -> int:
+        return self.auto[0] if self.auto is not None else self.samples
 
 
 @dataclass(frozen=True)
 class ResolvedOptions:
     embed: EmbedOptions
     encoding: str
+    views: ViewRequest | None = None
+    label_free_uncertainty: bool = False
 
 
-async def read_embeddings_request(request: Request, settings: Settings) -> ParsedRequest:
-    """Read the body (bounded in time; the size is bounded by the body-limit middleware) and parse it."""
+async def read_embeddings_request(request: Request, settings: Settings,
+                                  schema: type[OptionsT] = EmbedOptionsIn,  # type: ignore[assignment]
+                                  json_schema: type[BaseModel] = EmbeddingsJSONRequest) -> ParsedRequest[OptionsT]:
+    """Read the body (bounded in time; the size is bounded by the body-limit middleware) and parse it.
+
+    `schema` is the endpoint's options model and `json_schema` the same with `images` (default: /v1/embeddings).
+    """
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type not in ("application/json", "multipart/form-data"):
         raise UnsupportedMediaType(
@@ -68,13 +95,14 @@ async def read_embeddings_request(request: Request, settings: Settings) -> Parse
         async with asyncio.timeout(settings.body_timeout_s):
             if media_type == "application/json":
                 # Parsing and base64-decoding up to max_body_bytes takes a while: off the event loop.
-                return await asyncio.to_thread(_parse_json, await request.body(), settings)
-            return await _parse_multipart(request, settings)
+                return await asyncio.to_thread(_parse_json, await request.body(), settings, schema, json_schema)
+            return await _parse_multipart(request, settings, schema)
     except TimeoutError:
         raise RequestTimeout(f"the request body did not arrive within {settings.body_timeout_s:g} s") from None
 
 
-def _parse_json(body: bytes, settings: Settings) -> ParsedRequest:
+def _parse_json(body: bytes, settings: Settings, schema: type[OptionsT],
+                json_schema: type[BaseModel]) -> ParsedRequest[OptionsT]:
     if not body:
         raise InvalidRequest("the request body is empty")
     check_json_size(body, settings.max_json_elements)
@@ -84,6 +112,9 @@ def _parse_json(body: bytes, settings: Settings) -> ParsedRequest:
         raise InvalidRequest("the body is not valid JSON") from None
     if not isinstance(data, dict):
         raise InvalidRequest("the JSON body must be an object with an 'images' list")
+    openai = json_schema is EmbeddingsJSONRequest and is_openai_body(data)
+    if openai:
+        data = from_openai(data)
     images = data.get("images")
     if images is None:
         raise InvalidOption("images: field required (a list of base64-encoded images)")
@@ -92,11 +123,12 @@ def _parse_json(body: bytes, settings: Settings) -> ParsedRequest:
     if len(images) > settings.max_images:
         raise PayloadTooLarge(f"{len(images)} images sent; at most {settings.max_images} per request")
     try:
-        parsed = EmbeddingsJSONRequest.model_validate(data)
+        parsed = json_schema.model_validate(data)
     except ValidationError as exc:
         raise InvalidOption(describe_validation_error(exc)) from None
-    options = EmbedOptionsIn.model_validate(parsed.model_dump(exclude={"images"}, exclude_unset=True))
-    return ParsedRequest([decode_base64(text, i) for i, text in enumerate(parsed.images)], options)
+    options = schema.model_validate(parsed.model_dump(exclude={"images"}, exclude_unset=True))
+    texts: list[str] = parsed.images  # type: ignore[attr-defined]
+    return ParsedRequest([decode_base64(text, i) for i, text in enumerate(texts)], options, openai)
 
 
 def decode_base64(text: str, index: int) -> bytes:
@@ -114,7 +146,7 @@ def decode_base64(text: str, index: int) -> bytes:
         raise InvalidRequest(f"{label} is not valid base64 (standard alphabet, with padding)") from None
 
 
-async def _parse_multipart(request: Request, settings: Settings) -> ParsedRequest:
+async def _parse_multipart(request: Request, settings: Settings, schema: type[OptionsT]) -> ParsedRequest[OptionsT]:
     if request.headers.get("content-length") == "0":  # as for JSON: an empty body is a bad request, not a form
         raise InvalidRequest("the request body is empty")
     try:
@@ -150,31 +182,61 @@ async def _parse_multipart(request: Request, settings: Settings) -> ParsedReques
         raise InvalidOption("images: field required (one or more files in the 'images' field)")
     if len(images) > settings.max_images:
         raise PayloadTooLarge(f"{len(images)} images sent; at most {settings.max_images} per request")
-    return ParsedRequest(images, parse_form_options(fields))
+    return ParsedRequest(images, parse_form_options(fields, schema))
 
 
 def resolve_options(options: EmbedOptionsIn, settings: Settings, model_name: str, n_images: int,
-                    known_models: list[str]) -> ResolvedOptions:
+                    known_models: list[str], *, input_size: int | None = None) -> ResolvedOptions:
     """Fill defaults from the settings and check the rules that span several options."""
+    views = resolve_views(options, settings, model_name, n_images, known_models, default_policy=settings.default_policy,
+                          default_samples=settings.default_samples, input_size=input_size)
+    least = views.least_samples
+    if options.return_variance and least < 2:
+        raise InvalidOption("return_variance: needs samples >= 2 (variance of one view is undefined)")
+    if options.return_dispersion and least < 2:
+        raise InvalidOption("return_dispersion: needs samples >= 2 (one view has no dispersion)")
+    embed = EmbedOptions(views.samples, make_policy(views.policy), views.seed, options.return_variance,
+                         options.normalize, options.view_normalize, options.return_dispersion)
+    return ResolvedOptions(embed, options.encoding, views, options.return_label_free_uncertainty)
+
+
+def resolve_views(options: ViewOptionsIn, settings: Settings, model_name: str, n_images: int,
+                  known_models: list[str], *, default_policy: str, default_samples: int,
+                  input_size: int | None = None) -> ViewRequest:
+    """The rules of the options every view endpoint shares: model, policy, S or auto S, limits, deadline, seed."""
     if options.model is not None and options.model != model_name:
         raise InvalidOption(
             f"model: unknown model {options.model!r}; this server serves: {', '.join(known_models)}")
-    policy_name = options.policy or settings.default_policy
+    policy_name = options.policy or default_policy
+    auto: tuple[int, int] | None = None
     try:
-        samples = samples_for(policy_name, options.samples, settings.default_samples)
+        if options.samples == "auto":
+            low, high = auto_samples_range(policy_name, options.samples_min, options.samples_max, settings.max_samples)
+            high = min(high, max(low, settings.max_request_crops // n_images))  # no more crops than a request may bring
+            auto = (low, high)
+            # Planned at samples_max; at admission the scheduler cuts the plan to the S it can serve in time
+            # (`_run_views` in service/api/app.py hands it the range). Replies and metrics report len(job.views).
+            samples = high
+        else:
+            if {"samples_min", "samples_max"} & options.model_fields_set:
+                raise InvalidOption("samples_min, samples_max: only with samples='auto'")
+            samples = samples_for(policy_name, options.samples, default_samples)
+        if policy_name == "multiscale" and input_size is not None:
+            MultiscalePolicy().sizes(samples, input_size)  # raises when the sizes cannot make that many views
     except PolicyError as exc:
         raise InvalidOption(f"samples: {exc}") from None
     if samples > settings.max_samples:
         raise InvalidOption(f"samples: at most {settings.max_samples}, got {samples}")
-    if options.return_variance and samples < 2:
-        raise InvalidOption("return_variance: needs samples >= 2 (variance of one view is undefined)")
-    if options.return_dispersion and samples < 2:
-        raise InvalidOption("return_dispersion: needs samples >= 2 (one view has no dispersion)")
-    if n_images * samples > settings.max_request_crops:
+    least = auto[0] if auto is not None else samples
+    if n_images * least > settings.max_request_crops:
         raise PayloadTooLarge(
-            f"{n_images} images x {samples} samples = {n_images * samples} crops; "
+            f"{n_images} images x {least} samples = {n_images * least} crops; "
             f"at most {settings.max_request_crops} per request")
+    timeout_s = settings.request_timeout_s
+    if options.timeout_ms is not None:
+        if options.timeout_ms > settings.request_timeout_s * 1000:
+            raise InvalidOption(
+                f"timeout_ms: at most the server's request timeout, {settings.request_timeout_s * 1000:g}")
+        timeout_s = options.timeout_ms / 1000
     seed = options.seed if options.seed is not None else secrets.randbelow(MAX_SEED + 1)
-    embed = EmbedOptions(samples, make_policy(policy_name), seed, options.return_variance, options.normalize,
-                         options.view_normalize, options.return_dispersion)
-    return ResolvedOptions(embed, options.encoding)
+    return ViewRequest(policy_name, samples, auto, seed, timeout_s)

@@ -54,6 +54,12 @@ class InvalidOption(ServiceError):
     status, type = 422, "invalid_option"
 
 
+class NoClassifier(ServiceError):
+    """/v1/classify on a model that has no classifier head (it can only embed)."""
+
+    status, type = 422, "no_classifier"
+
+
 class Overloaded(ServiceError):
     status, type = 429, "overloaded"
 

@@ -12,6 +12,8 @@ PolicyName = Literal["center", "crop_flip", "multiscale"]
 POLICY_NAMES: tuple[str, ...] = get_args(PolicyName)
 ONE_VIEW_POLICIES = frozenset({"center"})  # policies that make exactly one view: S is always 1
 MAX_SEED = 2**53 - 1  # seeds are exact in a JSON number (a double)
+AUTO_SAMPLES_MIN = 2  # `samples: "auto"` bounds when a request gives none (the issue's defaults)
+AUTO_SAMPLES_MAX = 32
 
 
 class PolicyError(ValueError):
@@ -33,3 +35,15 @@ def samples_for(policy: str, requested: int | None, default: int) -> int:
 def check_seed(seed: int) -> None:
     if not 0 <= seed <= MAX_SEED:
         raise PolicyError(f"seed must be in [0, 2^53-1], got {seed}")
+
+
+def auto_samples_range(policy: str, samples_min: int, samples_max: int, max_samples: int) -> tuple[int, int]:
+    """The S range an auto request may get: samples_max capped by the server's max_samples; a one-view
+    policy always gets (1, 1)."""
+    if policy in ONE_VIEW_POLICIES:
+        return 1, 1
+    high = min(samples_max, max_samples)
+    if samples_min > high:
+        raise PolicyError(f"samples_min ({samples_min}) is above samples_max capped by the server's "
+                          f"max_samples ({high})")
+    return samples_min, high

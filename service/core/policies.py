@@ -12,7 +12,9 @@ them with antialiasing; normalisation to floats is the model's job, not the poli
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -115,8 +117,11 @@ def _largest_box_in_ratio(height: int, width: int, ratio: tuple[float, float]) -
 class MultiscalePolicy:
     """The central crop fed at several input resolutions (smaller inputs, not zoomed crops).
 
-    View s uses scales[s % len(scales)]; S beyond the number of scales cycles them again,
-    flipped on odd cycles, so S=6 with three scales is every resolution plain and flipped.
+    The first 2 × len(scales) views are every scale plain, then every scale flipped (S=6 with three
+    scales: 224, 158, 112 px, then the same flipped). Beyond them come new resolutions between the
+    largest and smallest scale, bisecting the log-scale gaps level by level (188 and 133 px first),
+    each new size plain then flipped, skipping any (size, flip) already used: no view ever repeats.
+    A plan asks for more views than the scales can make distinct at this input size → PolicyError.
     """
 
     scales: tuple[float, ...] = (1.0, 1 / math.sqrt(2), 0.5)
@@ -128,12 +133,45 @@ class MultiscalePolicy:
 
     def plan(self, height: int, width: int, samples: int, seed: int, preprocess: Preprocess) -> list[View]:
         top, left, box_h, box_w = _center_box(height, width, preprocess)
-        views = []
-        for s in range(samples):
-            cycle, index = divmod(s, len(self.scales))
-            size = max(1, round(self.scales[index] * preprocess.input_size))
-            views.append(View(top, left, box_h, box_w, size, cycle % 2 == 1, centered=True))
-        return views
+        return [View(top, left, box_h, box_w, size, flip, centered=True)
+                for size, flip in self.sizes(samples, preprocess.input_size)]
+
+    def sizes(self, samples: int, input_size: int) -> list[tuple[int, bool]]:
+        """(input side, flip) of the first `samples` views; the same list prefix for every S."""
+        out: list[tuple[int, bool]] = []
+        for size, flip in self._all_sizes(input_size):
+            if len(out) == samples:
+                return out
+            out.append((size, flip))
+        if len(out) < samples:
+            raise PolicyError(f"multiscale with scales {self.scales} makes at most {len(out)} distinct views "
+                              f"at {input_size} px input, not {samples}")
+        return out
+
+    def _all_sizes(self, input_size: int) -> Iterator[tuple[int, bool]]:
+        def side(log_scale: float) -> int:
+            return max(1, round(2**log_scale * input_size))
+
+        seen: set[tuple[int, bool]] = set()
+        base = [side(math.log2(s)) for s in self.scales]
+        for flip in (False, True):
+            for size in base:
+                if (size, flip) not in seen:  # a scale set naming one size twice
+                    seen.add((size, flip))
+                    yield size, flip
+        logs = sorted({math.log2(s) for s in self.scales}, reverse=True)
+        gaps = list(itertools.pairwise(logs))
+        # Each level halves every gap; once a whole level adds no new size, the pixel sizes are exhausted.
+        while gaps:
+            mids = [(high + low) / 2 for high, low in gaps]
+            new = [size for size in dict.fromkeys(side(m) for m in mids) if (size, False) not in seen]
+            for flip in (False, True):
+                for size in new:
+                    seen.add((size, flip))
+                    yield size, flip
+            if not new and all(side(high) - side(low) <= 1 for high, low in gaps):
+                return
+            gaps = [pair for (high, low), mid in zip(gaps, mids, strict=True) for pair in ((high, mid), (mid, low))]
 
 
 Policy = CenterPolicy | CropFlipPolicy | MultiscalePolicy

@@ -60,10 +60,10 @@ def test_crop_flip_is_reproducible_and_prefix_stable() -> None:
     assert a != policy.plan(375, 500, 32, seed=4, preprocess=PRE)
 
 
-def test_multiscale_sizes_cycle_with_flips() -> None:
-    views = MultiscalePolicy().plan(375, 500, 7, seed=0, preprocess=PRE)
-    assert [v.size for v in views] == [224, 158, 112, 224, 158, 112, 224]
-    assert [v.flip for v in views] == [False, False, False, True, True, True, False]
+def test_multiscale_sizes_plain_then_flipped_then_new_sizes() -> None:
+    views = MultiscalePolicy().plan(375, 500, 8, seed=0, preprocess=PRE)
+    assert [v.size for v in views] == [224, 158, 112, 224, 158, 112, 188, 133]  # 7th on: sizes between the scales
+    assert [v.flip for v in views] == [False, False, False, True, True, True, False, False]
     # Every view is the same central box: smaller inputs, not zoomed crops.
     assert len({(v.top, v.left, v.height, v.width) for v in views}) == 1
     image = random_image()

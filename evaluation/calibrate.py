@@ -1,0 +1,301 @@
+"""`python -m evaluation.calibrate`: temperatures for /v1/classify, the per-task figures, the label-free score.
+
+On the labelled sample photos, from the per-view cache of `metta eval` (each policy's views computed once):
+
+1. a temperature per (policy, S bucket 1 / 2–4 / 5–16 / 17+), fitted by NLL on every S of the bucket
+   (S is a prefix of one 32-view plan) → `models/calibration.json`, with the expected calibration error
+   cross-fitted: the temperature fitted on one half of the photos, the ECE measured on the other, and
+   vice versa;
+2. per way of making views: top-1, NLL (T = 1 and calibrated), ECE and near-duplicate recall@1 → the
+   one file both the README and `GET /v1/models` read, `models/policy_quality.json`;
+3. the label-free uncertainty score, chosen among candidates on one half and reported on the other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from evaluation import metrics as M
+from evaluation.cli import DEFAULT_DATA
+from evaluation.data import QueryEdits, decode_file, load_samples, make_query
+from evaluation.views import cached_per_view
+from models.calibration import CALIBRATION_FILE, S_BUCKETS
+from models.policy_quality import POLICY_QUALITY_FILE, markdown_table
+from service.core.policies import CenterPolicy, CropFlipPolicy, MultiscalePolicy, Policy
+from service.core.reduce import dispersion
+from service.core.uncertainty import label_free_uncertainty
+
+log = logging.getLogger("metta.calibrate")
+S_MAX = 32  # the largest S of a bank; the 17+ bucket is fitted on S = 17 … 32
+ECE_BINS = 15
+CLASSIFY_S = 10  # /v1/classify's default S (crop_flip): the label-free score is chosen on its views
+
+
+# ---- temperature and ECE -------------------------------------------------------------------------
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The T minimising the mean NLL of softmax(logits / T): golden-section search on log T (the NLL is
+    convex in 1/T, so unimodal in log T)."""
+    low, high = np.log(0.05), np.log(20.0)
+    ratio = (np.sqrt(5) - 1) / 2
+
+    def nll(log_t: float) -> float:
+        return float(M.nll_of_logits(logits / np.exp(log_t), labels).mean())
+
+    a, b = high - ratio * (high - low), low + ratio * (high - low)
+    fa, fb = nll(a), nll(b)
+    for _ in range(80):
+        if fa < fb:
+            high, b, fb = b, a, fa
+            a = high - ratio * (high - low)
+            fa = nll(a)
+        else:
+            low, a, fa = a, b, fb
+            b = low + ratio * (high - low)
+            fb = nll(b)
+    return float(np.exp((low + high) / 2))
+
+
+def ece(max_probability: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Expected calibration error: Σ_bins (share of images) × |accuracy − mean confidence|, equal-width bins."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(max_probability, edges[1:-1], right=True), 0, bins - 1)
+    total = 0.0
+    for b in range(bins):
+        inside = which == b
+        if inside.any():
+            total += inside.mean() * abs(correct[inside].mean() - max_probability[inside].mean())
+    return float(total)
+
+
+def halves(count: int) -> np.ndarray:
+    """Photo i belongs to half i % 2 (the photos are in class order, so both halves span the classes)."""
+    return np.arange(count) % 2
+
+
+def bucket_samples(name: str, largest: int) -> list[int]:
+    for low, high, bucket in S_BUCKETS:
+        if bucket == name:
+            return list(range(low, min(high if high is not None else largest, largest) + 1))
+    raise ValueError(name)
+
+
+def fit(per_s: dict[int, np.ndarray], samples: list[int], labels: np.ndarray, rows: np.ndarray) -> float:
+    logits = np.concatenate([per_s[s][rows] for s in samples])
+    return fit_temperature(logits, np.concatenate([labels[rows]] * len(samples)))
+
+
+def cross_fitted_probabilities(per_s: dict[int, np.ndarray], samples: list[int], at: int,
+                               labels: np.ndarray) -> np.ndarray:
+    """Calibrated probabilities at S = `at`, each photo's temperature fitted on the other half (pooled S)."""
+    half = halves(len(labels))
+    out = np.empty_like(per_s[at])
+    for h in (0, 1):
+        temperature = fit(per_s, samples, labels, half != h)
+        out[half == h] = M.softmax(per_s[at][half == h] / temperature)
+    return out
+
+
+# ---- the study -----------------------------------------------------------------------------------
+
+def run(model: Any, data_dir: Path, cache_dir: Path, seed: int = 0, limit: int | None = None) -> dict[str, Any]:
+    samples = load_samples(data_dir, limit)
+    ids = [s.path.name for s in samples]
+    labels = np.array([s.label for s in samples])
+    edits = QueryEdits()
+    query_ids = [f"{name}|{edits!r}|seed={seed}" for name in ids]
+
+    def photos(policy: Policy, count: int) -> np.ndarray:
+        views = cached_per_view(model, ids, lambda i: decode_file(samples[i].path), policy, count, seed, cache_dir)
+        return views.astype(np.float64)
+
+    def queries(policy: Policy, count: int) -> np.ndarray:
+        views = cached_per_view(model, query_ids, lambda i: make_query(samples[i].path, i, seed, edits), policy,
+                                count, seed, cache_dir)
+        return views.astype(np.float64)
+
+    assert model.head is not None, "calibration needs a model with a classifier head"
+    weight = model.head.weight.detach().double().numpy()
+    bias = model.head.bias.detach().double().numpy()
+
+    def logits(means: np.ndarray) -> np.ndarray:
+        out: np.ndarray = means @ weight.T + bias
+        return out
+
+    banks = {"center": photos(CenterPolicy(), 1), "crop_flip": photos(CropFlipPolicy(), S_MAX),
+             "multiscale": photos(MultiscalePolicy(), S_MAX)}
+    per_s = {name: {s: logits(bank[:, :s].mean(axis=1)) for s in range(1, bank.shape[1] + 1)}
+             for name, bank in banks.items()}
+
+    temperatures: dict[str, dict[str, float]] = {}
+    calibration_ece: dict[str, dict[str, float]] = {}
+    for name, by_s in per_s.items():
+        temperatures[name], calibration_ece[name] = {}, {}
+        for _, _, bucket in S_BUCKETS:
+            s_list = [s for s in bucket_samples(bucket, S_MAX) if s in by_s]
+            if not s_list:
+                continue
+            temperatures[name][bucket] = round(fit(by_s, s_list, labels, np.ones(len(labels), bool)), 4)
+            at = s_list[len(s_list) // 2]  # the ECE of one S in the bucket, with the bucket's cross-fitted T
+            probs = cross_fitted_probabilities(by_s, s_list, at, labels)
+            calibration_ece[name][f"{bucket} (S={at})"] = round(
+                ece(probs.max(axis=1), probs.argmax(axis=1) == labels), 4)
+
+    rows = table_rows(banks, per_s, temperatures, labels, logits, queries)
+    chosen = choose_label_free(banks["crop_flip"][:, :CLASSIFY_S], per_s["crop_flip"][CLASSIFY_S], labels)
+    return {"photos": len(labels), "seed": seed, "temperatures": temperatures, "ece_cross_fitted": calibration_ece,
+            "rows": rows, "label_free": chosen}
+
+
+def table_rows(banks: dict[str, np.ndarray], per_s: dict[str, dict[int, np.ndarray]],
+               temperatures: dict[str, dict[str, float]], labels: np.ndarray,
+               logits: Callable[[np.ndarray], np.ndarray], queries: Callable[[Policy, int], np.ndarray]
+               ) -> list[dict[str, Any]]:
+    """The issue's table: classification (eq. 7) and near-duplicate recall@1 per way of making views."""
+    from models.calibration import s_bucket
+
+    center, crop_flip, multiscale = banks["center"], banks["crop_flip"], banks["multiscale"]
+    q_center, q_crop, q_multi = (queries(CenterPolicy(), 1), queries(CropFlipPolicy(), 8),
+                                 queries(MultiscalePolicy(), 3))
+    center_norm = np.linalg.norm(center[:, 0], axis=1, keepdims=True)
+
+    def l2_scaled(views: np.ndarray, norm: np.ndarray) -> np.ndarray:
+        out: np.ndarray = M.l2_rows(views).mean(axis=1) * norm
+        return out
+
+    # (label, request options or None, photo mean, query mean, served policy for the temperature)
+    ways: list[tuple[str, dict[str, Any] | None, np.ndarray, np.ndarray | None, str | None]] = [
+        ("center S=1", {"policy": "center"}, center[:, 0], q_center[:, 0], "center"),
+        ("crop_flip S=4", {"policy": "crop_flip", "samples": 4}, crop_flip[:, :4].mean(1), q_crop[:, :4].mean(1),
+         "crop_flip"),
+        ("crop_flip S=8", {"policy": "crop_flip", "samples": 8}, crop_flip[:, :8].mean(1), q_crop.mean(1),
+         "crop_flip"),
+        ("crop_flip S=10 (/v1/classify default)", {"policy": "crop_flip", "samples": 10}, crop_flip[:, :10].mean(1),
+         None, "crop_flip"),
+        ("crop_flip S=16", {"policy": "crop_flip", "samples": 16}, crop_flip[:, :16].mean(1), None, "crop_flip"),
+        ("multiscale S=3 (/v1/embeddings default)", {"policy": "multiscale", "samples": 3},
+         multiscale[:, :3].mean(1), q_multi.mean(1), "multiscale"),
+        ("multiscale S=8", {"policy": "multiscale", "samples": 8}, multiscale[:, :8].mean(1), None, "multiscale"),
+        ("multiscale S=3, per-view L2 × the center's norm", None, l2_scaled(multiscale[:, :3], center_norm),
+         l2_scaled(q_multi, np.linalg.norm(q_center[:, 0], axis=1, keepdims=True)), None),
+        ("center + crop_flip S=8 (mean of 9 views)", None,
+         np.concatenate([center, crop_flip[:, :8]], axis=1).mean(1),
+         np.concatenate([q_center, q_crop], axis=1).mean(1), None),
+        ("multiscale S=3 + crop_flip S=8 (mean of 11 views)", None,
+         np.concatenate([multiscale[:, :3], crop_flip[:, :8]], axis=1).mean(1),
+         np.concatenate([q_multi, q_crop], axis=1).mean(1), None),
+    ]
+    relevant = np.eye(len(labels), dtype=bool)
+    half = halves(len(labels))
+    rows = []
+    for label, request, photo_mean, query_mean, served in ways:
+        lg = logits(photo_mean)
+        samples = int(request.get("samples", 1)) if request else 0
+        if served is not None:
+            temperature = temperatures[served][s_bucket(samples)]
+            bucket = [s for s in bucket_samples(s_bucket(samples), S_MAX) if s in per_s[served]]
+            probs = cross_fitted_probabilities(per_s[served], bucket, samples, labels)
+        else:  # not one request: a temperature of its own, cross-fitted the same way
+            temperature = fit_temperature(lg, labels)
+            probs = np.empty_like(lg)
+            for h in (0, 1):
+                probs[half == h] = M.softmax(lg[half == h] / fit_temperature(lg[half != h], labels[half != h]))
+        cross = probs.max(axis=1)
+        correct = lg.argmax(axis=1) == labels
+        recall = None
+        if query_mean is not None:
+            recall = float(M.retrieval_per_query(query_mean, photo_mean, relevant)["hit_at_1"].mean())
+        rows.append({
+            "views": label, "request": request, "top1": round(float(correct.mean()), 4),
+            "nll": round(float(M.nll_of_logits(lg, labels).mean()), 4),
+            "nll_calibrated": round(float(M.nll_of_logits(lg / temperature, labels).mean()), 4),
+            "ece": round(ece(cross, probs.argmax(axis=1) == labels), 4),
+            "max_probability_auroc": round(M.auroc(-cross, ~correct), 4),
+            "recall_at_1": None if recall is None else round(recall, 4)})
+    return rows
+
+
+def label_free_candidates(views: np.ndarray) -> dict[str, np.ndarray]:
+    """Head-free scores from S views (N, S, dim); higher = less certain."""
+    mean = views.mean(axis=1)
+    norm = np.linalg.norm(mean, axis=1)
+    return {
+        "dispersion": dispersion(M.l2_rows(views).sum(axis=1), views.shape[1]),
+        "mean_norm": norm,
+        "negative_mean_norm": -norm,
+        "activation_entropy": activation_entropy(mean),
+        "participation (l1/l2)": np.asarray(label_free_uncertainty(mean)),  # the service's score
+        "dispersion × mean_norm": dispersion(M.l2_rows(views).sum(axis=1), views.shape[1]) * norm,
+    }
+
+
+def activation_entropy(mean: np.ndarray) -> np.ndarray:
+    """Entropy of max(m, 0) / Σ max(m, 0) per row."""
+    positive = np.maximum(mean, 0.0)
+    p = positive / np.maximum(positive.sum(axis=1, keepdims=True), 1e-300)
+    out: np.ndarray = -(p * np.log(np.where(p > 0, p, 1.0))).sum(axis=1)
+    return out
+
+
+def choose_label_free(views: np.ndarray, mean_logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """Pick the best candidate by AUROC for MeTTA top-1 errors on half A; report it on half B (and swapped)."""
+    error = mean_logits.argmax(axis=1) != labels
+    half = halves(len(labels))
+    candidates = label_free_candidates(views)
+    out: dict[str, Any] = {"views": f"crop_flip S={views.shape[1]}", "errors": int(error.sum()), "folds": []}
+    for choose_on in (0, 1):
+        on_a = {name: M.auroc(score[half == choose_on], error[half == choose_on]) for name, score in candidates.items()}
+        best = max(on_a, key=lambda name: on_a[name])
+        report = M.auroc(candidates[best][half != choose_on], error[half != choose_on])
+        out["folds"].append({"chosen_on_half": choose_on,
+                             "auroc_on_choosing_half": {k: round(v, 4) for k, v in on_a.items()},
+                             "chosen": best, "auroc_on_other_half": round(report, 4)})
+    out["all_photos"] = {name: round(M.auroc(score, error), 4) for name, score in candidates.items()}
+    return out
+
+
+def write_files(model: Any, study: dict[str, Any], calibration_path: Path, quality_path: Path) -> None:
+    provenance = {"photos": study["photos"], "seed": study["seed"], "engine": model.mode,
+                  "command": "python -m evaluation.calibrate"}
+    calibration = {"models": [{"model": model.name, "weights_sha256": model.weights_sha, **provenance,
+                               "temperatures": study["temperatures"], "ece_cross_fitted": study["ece_cross_fitted"]}]}
+    calibration_path.write_text(json.dumps(calibration, indent=1) + "\n")
+    quality = {"models": {model.name: {"weights_sha256": model.weights_sha, **provenance, "rows": study["rows"]}}}
+    quality_path.write_text(json.dumps(quality, indent=1) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    from models import ModelOptions, create_model
+
+    parser = argparse.ArgumentParser(prog="python -m evaluation.calibrate", description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--cache-dir", type=Path, default=Path(".cache/metta-eval"))
+    parser.add_argument("--model", default="efficientnet_lite0")
+    parser.add_argument("--mode", default="auto")
+    parser.add_argument("--limit", type=int, default=None, help="first N photos (smoke run; files not written)")
+    parser.add_argument("--out", type=Path, default=Path("docs/quality/calibration.json"), help="the full study")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    model = create_model(args.model, ModelOptions(mode=args.mode))
+    study = run(model, args.data, args.cache_dir, limit=args.limit)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(study, indent=1) + "\n")
+    if args.limit is None:
+        write_files(model, study, CALIBRATION_FILE, POLICY_QUALITY_FILE)
+        from models.policy_quality import load_policy_quality
+
+        load_policy_quality.cache_clear()
+        print(markdown_table(model.name))
+    print(json.dumps({"temperatures": study["temperatures"], "ece": study["ece_cross_fitted"],
+                      "label_free": study["label_free"]["folds"]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
