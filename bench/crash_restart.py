@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,14 +22,7 @@ from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[1]
-SAMPLES = Path("/work/shared/data/imagenet-sample")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from service.testing import REPO, free_port, photos
 
 
 def start(model: str, port: int, log: Path, *flags: str) -> subprocess.Popen[bytes]:
@@ -74,7 +66,7 @@ def main() -> None:
     parser.add_argument("--load-s", type=float, default=5.0)
     parser.add_argument("--log", type=Path, default=Path("/tmp/crash_restart.log"))
     args = parser.parse_args()
-    photos = [path.read_bytes() for path in sorted(SAMPLES.glob("*.JPEG"))[:2]]
+    images = photos(2).images
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = start(args.model, port, args.log)
@@ -84,7 +76,7 @@ def main() -> None:
     try:
         for _ in range(args.repeats):
             stop, counts = threading.Event(), dict[str, int]()
-            clients = [threading.Thread(target=load, args=(url, photos, stop, counts)) for _ in range(4)]
+            clients = [threading.Thread(target=load, args=(url, images, stop, counts)) for _ in range(4)]
             for client in clients:
                 client.start()
             time.sleep(args.load_s)

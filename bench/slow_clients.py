@@ -31,14 +31,12 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from bench.crash_restart import free_port, seconds_to_ready, start
+from bench.crash_restart import seconds_to_ready, start
+from service.testing import free_port, rss_bytes
 
 
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    return rss_bytes(pid) / 2**20
 
 
 def normal_clients(url: str, seconds: float, clients: int = 4) -> tuple[list[float], dict[str, int]]:

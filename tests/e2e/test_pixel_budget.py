@@ -20,10 +20,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-try:  # the server launcher is moving from the tests into the package (service/testing.py)
-    from service.testing import ServerProcess, start_server
-except ImportError:
-    from tests.e2e.server import ServerProcess, start_server  # type: ignore[no-redef, unused-ignore]
+from service.testing import ServerProcess, start_server
 
 MAX_QUEUE_PIXELS = 12_000_000
 MAX_BODY_BYTES = 4_000_000
