@@ -68,22 +68,29 @@ def serve_main(argv: list[str] | None = None) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="metta", description="MeTTA mean embeddings without a server.")
     commands = parser.add_subparsers(dest="command", required=True)
-    embed_cmd = commands.add_parser("embed", help="embed local image files")
+    embed_cmd = commands.add_parser("embed", help="embed image files and folders (--out OUT.parquet: a dataset)")
     embed_cmd.add_argument("images", nargs="+", type=Path)
     embed_cmd.add_argument("--samples", type=int, default=None, help="views per image (default: the setting)")
     embed_cmd.add_argument("--policy", default=None, choices=POLICY_NAMES)
     embed_cmd.add_argument("--seed", type=int, default=0)
     embed_cmd.add_argument("--variance", action="store_true", help="also write the per-dimension variance")
     embed_cmd.add_argument("--normalize", action="store_true", help="L2-normalise each mean")
-    embed_cmd.add_argument("--out", type=Path, default=None, help="write the means as an (N, dim) .npy")
+    embed_cmd.add_argument("--out", type=Path, default=None,
+                           help="OUT.npy: the means as one (N, dim) array (small jobs); "
+                                "OUT.parquet: a resumable Parquet dataset, streamed (any number of files)")
     embed_cmd.add_argument("--model", default=None)
     embed_cmd.add_argument("--mode", default=None, help="execution engine: auto|eager|torchscript|openvino")
     embed_cmd.add_argument("--device", default=None)
     from evaluation.cli import add_eval_command, eval_command
+    from service.bulk.command import add_bulk_arguments, bulk_command, writes_dataset
+
+    add_bulk_arguments(embed_cmd)
 
     add_eval_command(commands)
     args = parser.parse_args(argv)
     if args.command == "embed":
+        if writes_dataset(args):
+            sys.exit(bulk_command(args))
         _embed_command(args)
     elif args.command == "eval":
         eval_command(args)

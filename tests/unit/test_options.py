@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.api.schemas import EmbedOptionsIn, openapi_request_body, parse_form_options, validate_options
-from service.core.options import MAX_SEED
 from service.core.errors import InvalidOption
+from service.core.options import MAX_SEED
 
 OPTION_NAMES = sorted(EmbedOptionsIn.model_fields)
 # Strings near the interesting edges: numbers of every size and sign, floats, words, whitespace, unicode.
