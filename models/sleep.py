@@ -2,8 +2,8 @@
 
 A batch of N crops takes N × µs of wall time with the GIL released (`time.sleep`), whatever the view
 size, so the service's own overhead (decode, render, batching, reduce) can be measured against a
-known limit of 1e6 / µs crops/s. The embeddings are deterministic and cheap: the normalised pixels
-pooled to 8 × 8 per channel, times a fixed seeded projection to 1280 dimensions. Preprocessing is
+known limit of 1e6 / µs crops/s. The embeddings are deterministic and cost next to nothing: 8 × 8
+normalised pixels per channel on an even grid, times a fixed seeded projection to 1280 dimensions. Preprocessing is
 `efficientnet_lite0`'s, so rendering costs what it costs for the default model. `sleep:0` is the
 zero-cost forward. It runs eagerly only: a traced or OpenVINO graph would drop the wait.
 """
@@ -35,8 +35,11 @@ class SleepBackbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.seconds_per_crop > 0:
             time.sleep(self.seconds_per_crop * x.shape[0])  # releases the GIL, like waiting on a device
-        pooled = nn.functional.adaptive_avg_pool2d(x.float(), 8).flatten(1)
-        out: torch.Tensor = pooled @ self.projection
+        # 8 × 8 pixels per channel on an even grid: costs next to nothing whatever the view size
+        rows = torch.linspace(0, x.shape[2] - 1, 8, device=x.device).long()
+        cols = torch.linspace(0, x.shape[3] - 1, 8, device=x.device).long()
+        sampled = x[:, :, rows][:, :, :, cols].float().flatten(1)
+        out: torch.Tensor = sampled @ self.projection
         return out
 
 

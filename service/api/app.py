@@ -7,7 +7,6 @@ import base64
 import contextlib
 import functools
 import hmac
-import json
 import logging
 import time
 import uuid
@@ -29,17 +28,22 @@ from models import LoadedModel, create_model
 from service.api.classify import CLASSIFY, classify, task_card
 from service.api.decoding import DecodePool, all_or_nothing
 from service.api.middleware import BodyLimitMiddleware, HeaderLimitMiddleware
-from service.api.openai_compat import SERVED_SINCE, openai_reply, request_limits
+from service.api.openai_compat import SERVED_SINCE, request_limits
 from service.api.requests import ResolvedOptions, ViewRequest, read_embeddings_request, resolve_options
 from service.api.schemas import (
     ClassifyJSONRequest,
     ClassifyOptionsIn,
     ClassifyResponse,
+    EmbeddingData,
     EmbeddingsResponse,
     EmbedOptionsIn,
     ErrorResponse,
     ModelCard,
     ModelsResponse,
+    OpenAIEmbeddingData,
+    OpenAIEmbeddingsResponse,
+    OpenAIUsage,
+    Usage,
     openapi_request_body,
 )
 from service.core.decode import decode_image, image_size
@@ -207,9 +211,8 @@ async def _embeddings(request: Request, state: ServiceState) -> Response:
     assert resolved.views is not None
     jobs, results = await _run_views(request, state, parsed.images, resolved.embed, resolved.views, EMBEDDINGS)
     samples = len(jobs[0].views)  # auto S: what the scheduler gave this request
-    body = _reply(model, resolved, results, samples)
-    if parsed.openai:
-        body = openai_reply(body)
+    reply_type = OpenAIEmbeddingsResponse if parsed.openai else EmbeddingsResponse
+    body = _reply(reply_type, model, resolved, results, samples)
     metrics.request_duration.labels(EMBEDDINGS, samples_label(samples)).observe(time.perf_counter() - started)
     return Response(body, media_type="application/json")
 
@@ -276,6 +279,8 @@ async def _decode_and_plan(state: ServiceState, data: bytes, index: int, resolve
                            share: asyncio.Semaphore, pixels: Reservation, upper: int) -> ImageJob:
     settings, model = state.settings, state.model
     assert model is not None
+    # auto S: the working copy waits for the S the scheduler gives (it depends on which views are kept)
+    auto = resolved.views is not None and resolved.views.auto is not None
 
     def work() -> tuple[ImageJob, float]:
         started = time.perf_counter()
@@ -283,7 +288,7 @@ async def _decode_and_plan(state: ServiceState, data: bytes, index: int, resolve
                              label=f"images[{index}]", jpeg_device=state.jpeg_device,
                              icc_to_srgb=settings.icc_to_srgb)
         elapsed = time.perf_counter() - started
-        return ImageJob(image, resolved.embed, model), elapsed
+        return ImageJob(image, resolved.embed, model, defer_working_copy=auto), elapsed
 
     job, elapsed = await state.decode_pool.run(share, work)
     pixels.shrink(max(0, upper - job.pixels))  # the header's size was the upper bound; the working copy is less
@@ -352,24 +357,25 @@ def _encode(vector: np.ndarray, encoding: str) -> list[float] | str:
     return values
 
 
-def _reply(model: LoadedModel, resolved: ResolvedOptions, results: list[ImageResult], samples: int) -> bytes:
+def _reply(reply_type: type[EmbeddingsResponse], model: LoadedModel, resolved: ResolvedOptions,
+           results: list[ImageResult], samples: int) -> bytes:
+    """The reply, built from its schema (this service's shape, or OpenAI's, which extends it); fields a
+    request did not ask for are left out."""
+    data_type = OpenAIEmbeddingData if reply_type is OpenAIEmbeddingsResponse else EmbeddingData
+    usage_type = OpenAIUsage if reply_type is OpenAIEmbeddingsResponse else Usage
+    data = [data_type.model_construct(
+        index=index, embedding=_encode(result.embedding, resolved.encoding),
+        variance=None if result.variance is None else _encode(result.variance, resolved.encoding),
+        dispersion=result.dispersion,
+        label_free_uncertainty=float(label_free_uncertainty(result.embedding))
+        if resolved.label_free_uncertainty else None,
+    ) for index, result in enumerate(results)]
     options = resolved.embed
-    data = []
-    for index, result in enumerate(results):
-        entry: dict[str, object] = {"index": index, "embedding": _encode(result.embedding, resolved.encoding)}
-        if result.variance is not None:
-            entry["variance"] = _encode(result.variance, resolved.encoding)
-        if result.dispersion is not None:
-            entry["dispersion"] = result.dispersion
-        if resolved.label_free_uncertainty:
-            entry["label_free_uncertainty"] = label_free_uncertainty(result.embedding)
-        data.append(entry)
-    reply = {
-        "model": model.name, "model_fingerprint": model.fingerprint, "dim": model.dim,
-        "policy": options.policy.name, "samples": samples, "seed": options.seed, "data": data,
-        "usage": {"images": len(results), "crops": len(results) * samples},
-    }
-    return json.dumps(reply, separators=(",", ":")).encode()
+    reply = reply_type.model_construct(
+        model=model.name, model_fingerprint=model.fingerprint, dim=model.dim, policy=options.policy.name,
+        samples=samples, seed=options.seed, data=data,
+        usage=usage_type.model_construct(images=len(results), crops=len(results) * samples))
+    return reply.model_dump_json(exclude_none=True).encode()
 
 
 async def _warm_up(state: ServiceState) -> None:

@@ -14,7 +14,6 @@ from pydantic import ValidationError
 
 from service.api.schemas import (
     OpenAIEmbeddingsRequest,
-    OpenAIEmbeddingsResponse,
     RequestLimits,
     describe_validation_error,
 )
@@ -51,11 +50,6 @@ def from_openai(data: dict[str, Any]) -> dict[str, Any]:
     if request.encoding_format is not None:
         native["encoding"] = request.encoding_format
     return native
-
-
-def openai_reply(native: bytes) -> bytes:
-    """This service's reply (JSON) with OpenAI's fields: object, data[i].object, usage.*_tokens."""
-    return OpenAIEmbeddingsResponse.model_validate_json(native).model_dump_json(exclude_none=True).encode()
 
 
 def request_limits(settings: Settings) -> RequestLimits:

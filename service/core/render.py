@@ -29,14 +29,15 @@ def pixel_interleaved(image: torch.Tensor) -> torch.Tensor:
 
 
 
-def render_view(image: torch.Tensor, view: View, preprocess: Preprocess) -> torch.Tensor:
-    """The pixels of one view: crop, antialiased resize to (size, size), optional flip; uint8."""
+def render_view(image: torch.Tensor, view: View, preprocess: Preprocess, *, flip: bool = True) -> torch.Tensor:
+    """The pixels of one view: crop, antialiased resize to (size, size), its flip (unless `flip=False`: the
+    caller flips a whole batch at once); uint8."""
     if (view.height, view.width) == (view.size, view.size):
         out = image[:, view.top : view.top + view.size, view.left : view.left + view.size]  # no resampling
     else:
         out = TF.resized_crop(image, view.top, view.left, view.height, view.width, [view.size, view.size],
                               interpolation=_interpolation(preprocess), antialias=True)
-    return TF.horizontal_flip(out) if view.flip else out
+    return TF.horizontal_flip(out) if view.flip and flip else out
 
 
 def shrink_for_views(image: torch.Tensor, views: list[View], preprocess: Preprocess) -> tuple[torch.Tensor, list[View]]:

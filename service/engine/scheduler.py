@@ -159,34 +159,33 @@ class Scheduler:
         return list(self._running.values())
 
     # ---- admission -------------------------------------------------------------------------------
-    def admit(self, jobs: Sequence[ImageJob], *, timeout_s: float | None = None,
-              samples_range: SamplesRange | None = None) -> Ticket:
-        """Queue a request's jobs, or raise Overloaded/NotReady now.
-
-        With `samples_range` (auto S) the jobs are planned for `samples_range.high` views each and cut to
-        the largest S in the range that fits the queue's room and, at the measured pace, the deadline
-        (plans are prefix-stable, so the first S views are exactly a fixed-S request's).
-        """
-        if self.closed:
-            raise NotReady("the service is shutting down")
-        now = self.clock()
-        deadline = None if timeout_s is None else now + timeout_s
-        requested = sum(len(job.views) for job in jobs)
-        choices = [None] if samples_range is None else range(samples_range.high, samples_range.low - 1, -1)
+    def auto_samples(self, images: int, samples_range: SamplesRange, timeout_s: float | None = None) -> int:
+        """An auto-S request's S: the largest in the range whose crops fit the queue's room and, at the measured
+        pace, the deadline; raises Overloaded when not even the smallest does. Changes nothing."""
         refusal: Overloaded | None = None
-        for samples in choices:
-            crops = requested if samples is None else samples * len(jobs)
-            refusal = self._refusal(crops, timeout_s)
+        for samples in range(samples_range.high, samples_range.low - 1, -1):
+            refusal = self._refusal(samples * images, timeout_s)
             if refusal is None:
-                if samples is not None:
-                    for job in jobs:
-                        job.limit(samples)
-                ticket = Ticket(next(self._ids), jobs, now, deadline, requested)
-                self._queue.append(ticket)
-                self._running[ticket.id] = ticket
-                return ticket
+                return samples
         assert refusal is not None
         raise refusal
+
+    def admit(self, jobs: Sequence[ImageJob], *, timeout_s: float | None = None,
+              requested_crops: int | None = None) -> Ticket:
+        """Queue a request's jobs, or raise Overloaded/NotReady now. `requested_crops`: what an auto-S request
+        asked for before `auto_samples` cut it (counted in `requested_crops`, for autoscaling)."""
+        if self.closed:
+            raise NotReady("the service is shutting down")
+        crops = sum(len(job.views) for job in jobs)
+        refusal = self._refusal(crops, timeout_s)
+        if refusal is not None:
+            raise refusal
+        now = self.clock()
+        deadline = None if timeout_s is None else now + timeout_s
+        ticket = Ticket(next(self._ids), jobs, now, deadline, max(crops, requested_crops or 0))
+        self._queue.append(ticket)
+        self._running[ticket.id] = ticket
+        return ticket
 
     def _refusal(self, crops: int, timeout_s: float | None) -> Overloaded | None:
         """Why a request of `crops` cannot be admitted now, or None if it can."""

@@ -183,21 +183,37 @@ class Engine:
 
     def admit(self, jobs: Sequence[ImageJob], timeout_s: float | None = None,
               samples_range: SamplesRange | None = None) -> Ticket:
-        """Queue a request's images (on the event loop); raises Overloaded or NotReady at once."""
+        """Queue a request's images (on the event loop); raises Overloaded or NotReady at once.
+
+        Auto S (`samples_range`, jobs planned for its high end with their working copies deferred): the
+        scheduler picks S, the jobs are cut to it and make their working copies outside the lock, then the
+        request is admitted at that S (refused after all if the queue filled meanwhile).
+        """
         loop = asyncio.get_running_loop()
-        with self._cond:
-            if self.dead is not None:
-                raise WorkerDied("the inference worker has stopped")
-            try:
-                ticket = self.scheduler.admit(jobs, timeout_s=timeout_s, samples_range=samples_range)
+        try:
+            requested = None
+            if samples_range is not None:
+                with self._cond:
+                    self._check_alive()
+                    samples = self.scheduler.auto_samples(len(jobs), samples_range, timeout_s)
+                for job in jobs:
+                    job.limit(samples)
+                requested = samples_range.high * len(jobs)
+            with self._cond:
+                self._check_alive()
+                ticket = self.scheduler.admit(jobs, timeout_s=timeout_s, requested_crops=requested)
                 self._queue_changed()
-            except ServiceError as exc:
-                if exc.status == 429:
-                    self.metrics.rejected.labels("overloaded").inc()
-                raise
-            self._waiters[ticket.id] = _Waiter(loop.create_future(), loop)
-            self._cond.notify_all()
+                self._waiters[ticket.id] = _Waiter(loop.create_future(), loop)
+                self._cond.notify_all()
+        except ServiceError as exc:
+            if exc.status == 429:
+                self.metrics.rejected.labels("overloaded").inc()
+            raise
         return ticket
+
+    def _check_alive(self) -> None:
+        if self.dead is not None:
+            raise WorkerDied("the inference worker has stopped")
 
     async def result(self, ticket: Ticket, timeout_s: float) -> list[ImageResult]:
         """Wait for an admitted request; raises DeadlineExceeded, NotReady or InternalError."""

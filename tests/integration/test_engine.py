@@ -86,7 +86,7 @@ async def test_overload_gives_200s_and_429s_with_retry_after_and_no_5xx() -> Non
 async def test_a_request_that_would_miss_its_deadline_is_refused_at_admission() -> None:
     spy = ControlledModel()
     spy.seconds_per_crop = 0.01
-    async with serve(model=spy.loaded(), request_timeout_s=2.0, max_batch_crops=8, chunk_crops=8,
+    async with serve(model=spy.loaded(), request_timeout_s=4.0, max_batch_crops=8, chunk_crops=8,
                      max_samples=512, max_request_crops=512) as client:
         for seed in range(3):  # the engine learns the speed: about 10 ms a crop
             assert (await client.post("/v1/embeddings", json=body(seed, samples=8))).status_code == 200
@@ -95,7 +95,7 @@ async def test_a_request_that_would_miss_its_deadline_is_refused_at_admission() 
         ahead = asyncio.create_task(client.post("/v1/embeddings", json=body(10, samples=64)))
         await wait_until(spy.entered.is_set)
         crops_before = spy.crops
-        refused = await client.post("/v1/embeddings", json=body(11, samples=512))  # ~5.7 s of work, 2 s allowed
+        refused = await client.post("/v1/embeddings", json=body(11, samples=512))  # ~5.7 s of work, 4 s allowed
         fits = asyncio.create_task(client.post("/v1/embeddings", json=body(12, samples=8)))
         await wait_until(lambda: engine_of(client).pending_requests == 2)
         spy.gate.set()

@@ -30,4 +30,10 @@ def test_api_conforms_to_its_schema(case: schemathesis.Case) -> None:
     # S >= 2, `center` is S = 1, N x S <= max_request_crops, `model` must name the served model, the
     # bytes must be a decodable image) are not expressible in JSON Schema; those requests get the
     # documented 4xx, which the other checks verify.
-    case.call_and_validate(excluded_checks=[positive_data_acceptance])
+    response = case.call()
+    if response.status_code == 504 and "timeout_ms" in repr(case.body):
+        # The request set its own deadline (as little as 1 ms) and it passed: 504 deadline_exceeded is the
+        # documented answer, not a server fault. Only then is a 5xx accepted.
+        assert response.json()["error"]["type"] == "deadline_exceeded"
+        return
+    case.validate_response(response, excluded_checks=[positive_data_acceptance])

@@ -152,22 +152,25 @@ def test_a_closed_scheduler_admits_nothing(model) -> None:  # type: ignore[no-un
 
 def test_auto_samples_take_the_largest_s_that_fits(model) -> None:  # type: ignore[no-untyped-def]
     s = scheduler(max_queue_crops=64)
-    wide = s.admit(jobs(model, 32), samples_range=SamplesRange(4, 32))
-    assert wide.samples == 32
-    squeezed = s.admit(jobs(model, 32, images=2), samples_range=SamplesRange(4, 32))
-    assert squeezed.samples == 16  # 32 queued + 2 × 16 = 64
+    wide = SamplesRange(4, 32)
+    assert s.auto_samples(1, wide) == 32
+    s.admit(jobs(model, 32))
+    assert s.auto_samples(2, wide) == 16  # 32 queued + 2 × 16 = 64
+    squeezed = jobs(model, 32, images=2)
+    for job in squeezed:
+        job.limit(16)
+    s.admit(squeezed, requested_crops=64)
     assert s.requested_crops == 32 + 64 and s.queued_crops == 64  # the load asked for stays visible
     with pytest.raises(Overloaded):
-        s.admit(jobs(model, 32), samples_range=SamplesRange(4, 32))
+        s.auto_samples(1, wide)
 
 
 def test_auto_samples_shrink_to_meet_the_deadline(model) -> None:  # type: ignore[no-untyped-def]
     s = scheduler(max_queue_crops=4096, chunk_crops=8)
     s.seconds_per_crop = 0.01
     s.admit(jobs(model, 40))  # 0.4 s ahead in turns of 8
-    ticket = s.admit(jobs(model, 32), timeout_s=0.5, samples_range=SamplesRange(4, 32))
     # S crops of its own + min(40, S rounded up to turns of 8) ahead must fit in 0.5 s: S = 24 (24 + 24 = 48).
-    assert ticket.samples == 24
+    assert s.auto_samples(1, SamplesRange(4, 32), timeout_s=0.5) == 24
 
 
 def test_a_limited_job_keeps_the_prefix_of_its_plan(model) -> None:  # type: ignore[no-untyped-def]
@@ -175,3 +178,22 @@ def test_a_limited_job_keeps_the_prefix_of_its_plan(model) -> None:  # type: ign
     cut = jobs(model, 32, seed=5)[0]
     cut.limit(8)
     assert cut.views == full.views[:8] and cut.render_views == full.render_views[:8]
+
+
+def test_a_deferred_job_cut_to_s_renders_exactly_like_a_fixed_s_request() -> None:
+    """On a real-sized photo the working copy depends on which views are kept (downscale and crop to their
+    boxes): an auto-S job makes it only once cut, so its views are pixel for pixel a fixed-S request's."""
+    from service.core.render import render_view
+
+    model = create_model("sleep:0")  # the default model's preprocessing, no forward cost
+    generator = torch.Generator().manual_seed(3)
+    photo = torch.randint(0, 256, (3, 375, 500), dtype=torch.uint8, generator=generator)
+    auto = ImageJob(photo, EmbedOptions(32, make_policy("crop_flip"), 11), model, defer_working_copy=True)
+    auto.limit(8)
+    fixed = ImageJob(photo, EmbedOptions(8, make_policy("crop_flip"), 11), model)
+    eager_cut = ImageJob(photo, EmbedOptions(32, make_policy("crop_flip"), 11), model)
+    eager_cut.limit(8)
+    assert tuple(auto.source.shape) == tuple(fixed.source.shape) != tuple(eager_cut.source.shape)
+    preprocess = model.spec.preprocess
+    for a, b in zip(auto.take(8).views, fixed.take(8).views, strict=True):
+        assert torch.equal(render_view(auto.source, a, preprocess), render_view(fixed.source, b, preprocess))
