@@ -225,6 +225,9 @@ async def _run_views(request: Request, state: ServiceState, images: list[bytes],
     """
     metrics = state.metrics
     assert state.engine is not None
+    # auto S: planned at samples_max; the scheduler cuts every job to the S it gives the request (ImageJob.limit)
+    auto = None if views.auto is None else SamplesRange(*views.auto)
+    state.engine.check_room(len(images), options.samples, views.timeout_s, auto)  # 429 before any decoding
     resolved = ResolvedOptions(options, "float", views)
     pixels = _pixel_reservation(state)  # the request's decoded pixels, held until it settles
     metrics.inflight_requests.inc()
@@ -232,8 +235,6 @@ async def _run_views(request: Request, state: ServiceState, images: list[bytes],
         decoding = _decode_all(state, images, resolved, pixels)
         jobs = await _decoded_in_time(request, state, decoding, views.timeout_s)
         engine = state.engine
-        # auto S: planned at samples_max; the scheduler cuts every job to the S it gives the request (ImageJob.limit)
-        auto = None if views.auto is None else SamplesRange(*views.auto)
         pending = engine.admit(jobs, views.timeout_s, samples_range=auto)
         try:
             results = await _wait_unless_disconnected(request, engine.result(pending, views.timeout_s))

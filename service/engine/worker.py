@@ -211,6 +211,24 @@ class Engine:
             raise
         return ticket
 
+    def check_room(self, images: int, samples: int, timeout_s: float | None = None,
+                   samples_range: SamplesRange | None = None) -> None:
+        """Raise now what `admit` would raise for this request's shape (Overloaded, NotReady), before its images
+        are decoded: under overload a refusal then costs no decoding. `admit` still checks again."""
+        try:
+            with self._cond:
+                self._check_alive()
+                if self.scheduler.closed:
+                    raise NotReady("the service is shutting down")
+                if samples_range is not None:
+                    self.scheduler.auto_samples(images, samples_range, timeout_s)
+                elif (refusal := self.scheduler.refusal(images * samples, timeout_s)) is not None:
+                    raise refusal
+        except ServiceError as exc:
+            if exc.status == 429:
+                self.metrics.rejected.labels("overloaded").inc()
+            raise
+
     def _check_alive(self) -> None:
         if self.dead is not None:
             raise WorkerDied("the inference worker has stopped")

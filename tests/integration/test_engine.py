@@ -236,3 +236,18 @@ async def test_an_idle_worker_does_not_wait_for_company() -> None:
         assert (await client.post("/v1/embeddings", json=body(0, samples=2))).status_code == 200
         # A lone request is dispatched at once, not after max_wait_ms (5 s): a bound, not a timing.
         assert asyncio.get_running_loop().time() - started < 4.0
+
+
+async def test_under_overload_a_request_is_refused_before_its_images_are_decoded() -> None:
+    spy = ControlledModel()
+    async with serve(model=spy.loaded(), max_queue_crops=16, max_request_crops=16, max_batch_crops=4) as client:
+        spy.gate.clear()
+        spy.entered.clear()
+        held = [asyncio.create_task(client.post("/v1/embeddings", json=body(i, samples=8))) for i in range(2)]
+        await wait_until(lambda: engine_of(client).queued_crops == 16)
+        undecodable = {"images": [base64.b64encode(b"not an image at all").decode()], "samples": 4}
+        refused = await client.post("/v1/embeddings", json=undecodable)
+        spy.gate.set()
+        assert [r.status_code for r in await asyncio.gather(*held)] == [200, 200]
+    # 429, not 400: the full queue was seen first, so the bytes were never decoded
+    assert refused.status_code == 429 and refused.json()["error"]["type"] == "overloaded"
