@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The accelerator benchmark in one script: R, metta-serve at S ∈ {1, 8, 32} (efficientnet_lite0 and
-# resnet50 with random weights) and a GPU-vs-CPU cosine check of the default model's embeddings.
+# Every GPU check of round 2 in one script: R, metta-serve at S ∈ {1, 8, 32} (efficientnet_lite0 and
+# resnet50 with random weights; on CUDA also bf16 with the device's batching defaults, goal ≥ 0.85 × R at
+# S=32), a GPU-vs-CPU cosine check of the default model's embeddings (fp32 ≥ 0.999), resampling calls per
+# batch (one per image and output size) and an EXIF-rotated JPEG decoded on the device.
 # Installs nothing from the network and runs from the source tree (PYTHONPATH). Without a CUDA
 # device it runs the same steps on the CPU with a smaller grid. Budget: < 5 min.
 #

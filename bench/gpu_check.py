@@ -4,7 +4,10 @@ On a CUDA machine: R (eager and eager channels_last × fp32/bf16/fp16 × batches
 the default model and resnet50 (random weights), then the default model's mean embeddings on the GPU
 against the CPU reference (fp32 must reach cosine ≥ 0.999; bf16 is reported). Without CUDA the same
 steps run on the CPU with a smaller grid, and the cosine check compares the CPU's OpenVINO engine
-(fp32 and bf16) with eager fp32. One JSON (and the log that bench/gpu.sh tees) under $OUT.
+(fp32 and bf16) with eager fp32. Round 2 adds, on CUDA, the service in bf16 with the device's batching
+defaults (goal: S=32 at ≥ 0.85 × R bf16), and everywhere the resampling calls per batch (CUDA goal: one
+per image and output size) and an EXIF-rotated JPEG against the same pixels stored upright, decoded on
+the device (bench/gpu_round2.py). One JSON (and the log that bench/gpu.sh tees) under $OUT.
 
     PYTHONPATH=. python -m bench.gpu_check --out "$OUT"
 """
@@ -24,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench.gpu_round2 import exif_rotation, render_calls
 from bench.raw_limit import measure
 from service.testing import REPO, Photos, photos, start_process
 
@@ -65,7 +69,7 @@ def cosine_check(device: str, pictures: Photos, samples: int = 8) -> dict[str, A
 
 
 def service_bench(model: str, random_weights: bool, device: str, points: list[tuple[int, int]], seconds: float,
-                  log_dir: Path) -> list[dict[str, Any]]:
+                  log_dir: Path, kind: str = "metta") -> list[dict[str, Any]]:
     from bench.loadgen import json_bodies
     from bench.run import measure_point, server_args
 
@@ -73,7 +77,8 @@ def service_bench(model: str, random_weights: bool, device: str, points: list[tu
     if pictures.source == "synthetic":
         log("no sample photos in ../shared/data/imagenet-sample: the service benchmark uses synthetic JPEGs")
     bodies = {s: json_bodies(pictures.images, s) for s, _ in points}
-    cmd, ready = server_args("metta", model, torch.get_num_threads(), random_weights, device)
+    # No batching flags: the service's per-device defaults (settings.BATCHING_DEFAULTS) are what is measured.
+    cmd, ready = server_args(kind, model, torch.get_num_threads(), random_weights, device)
     server = start_process(cmd, log_dir, name=f"gpu-{model}", ready_path=ready, ready_timeout=300, own_session=True)
     log(f"{model} served on {device} (ready in {server.started_s:.0f} s)")
     rows = []
@@ -137,7 +142,16 @@ def main(argv: list[str] | None = None) -> None:
             points = [(1, 16), (8, 16), (32, 16)]
         step(f"service_{model}", lambda m=model, rw=random_weights, p=points: service_bench(
             m, rw, args.device, p, seconds, log_dir))
+    if gpu:  # round 2's goal: bf16 at S=32 reaches 0.85 x R (bf16), with the device's batching defaults
+        step("service_bf16", lambda: service_bench("efficientnet_lite0", False, args.device,
+                                                   [(1, 16), (8, 16), (32, 16)], seconds, log_dir, "metta_bf16"))
+        rows, r_bf16 = result.get("service_bf16"), result.get("R_efficientnet_lite0", {}).get("R", {}).get("bfloat16")
+        if isinstance(rows, list) and r_bf16:
+            result["bf16_s32_ratio_to_R"] = next(r["crops_per_s"] for r in rows if r["samples"] == 32) / r_bf16[
+                "crops_per_s"]
     step("cosine", lambda: cosine_check(args.device, photos(16)))
+    step("render_calls", lambda: render_calls(args.device, photos(4)))
+    step("exif_rotation", lambda: exif_rotation(args.device, photos(8)))
     result["elapsed_s"] = time.perf_counter() - started
     result["loadavg_end"] = os.getloadavg()
     (out / "gpu_bench.json").write_text(json.dumps(result, indent=1, default=str))
@@ -149,6 +163,10 @@ def main(argv: list[str] | None = None) -> None:
         for row in result.get(f"service_{model}", []) if isinstance(result.get(f"service_{model}"), list) else []:
             summary.append(f"  service {model} S={row['samples']} c={row['concurrency']}: "
                            f"{row['crops_per_s']:.0f} crops/s p50 {row['p50_ms']:.0f} ms p95 {row['p95_ms']:.0f} ms")
+    if "bf16_s32_ratio_to_R" in result:
+        summary.append(f"service bf16 S=32 / R bf16: {result['bf16_s32_ratio_to_R']:.2f} (goal 0.85)")
+    for name in ("render_calls", "exif_rotation"):
+        summary.append(f"{name}: {json.dumps(result.get(name))[:300]}")
     cos = result.get("cosine", {}).get("compared", {})
     summary += [f"cosine {k}: min {v.get('min_cosine', math.nan):.6f}" for k, v in cos.items()]
     log("summary\n" + "\n".join(summary) + f"\nelapsed {result['elapsed_s']:.0f} s → {out / 'gpu_bench.json'}")

@@ -147,4 +147,5 @@ def compile_backbone(built: BuiltBackbone, options: ModelOptions) -> LoadedModel
         fingerprint=fingerprint(digest, built.spec, options.dtype, mode, device_type=device.type),
         head=built.head,
         weights_sha=digest,
+        input_format=torch.contiguous_format if mode == "openvino" else torch.channels_last,
     )

@@ -62,8 +62,12 @@ class LoadedModel:
         fingerprint: str,
         head: nn.Linear | None = None,
         weights_sha: str = "",
+        input_format: torch.memory_format = torch.contiguous_format,
     ) -> None:
         self.spec = spec
+        # The layout the engine takes its input in (channels_last for the torch engines): `normalize` makes the
+        # batch in it, so the forward does not repack a float batch (measured 3.4 ms per 32 crops).
+        self.input_format = input_format
         self.device = device
         self.dtype = dtype
         self.mode = mode
@@ -99,14 +103,16 @@ class LoadedModel:
         if views.dtype != torch.uint8 or views.ndim != 4 or views.shape[1] != 3:
             raise ModelError(f"expected a uint8 (B, 3, H, W) batch, got {views.dtype} {tuple(views.shape)}")
         views = views.to(self.device, non_blocking=True)
-        # In place on the fresh float copy: half the time of `(x - mean) / std` (two fewer full-batch tensors)
-        return views.float().sub_(self._mean).div_(self._std)
+        # One pass to float in the engine's layout, then in place: half the time of `(x - mean) / std`
+        normalized = torch.empty(views.shape, dtype=torch.float32, device=self.device, memory_format=self.input_format)
+        return normalized.copy_(views).sub_(self._mean).div_(self._std)
 
     def normalize_float(self, views: torch.Tensor) -> torch.Tensor:
         """float (B, 3, H, W) pixels in [0, 255] (a device renderer's output) → normalised, in place."""
         if not views.is_floating_point() or views.ndim != 4 or views.shape[1] != 3:
             raise ModelError(f"expected a float (B, 3, H, W) batch, got {views.dtype} {tuple(views.shape)}")
-        return views.to(self.device, torch.float32).sub_(self._mean).div_(self._std)
+        views = views.to(self.device, torch.float32).contiguous(memory_format=self.input_format)
+        return views.sub_(self._mean).div_(self._std)
 
     def forward(self, normalized: torch.Tensor) -> torch.Tensor:
         """Pooled embeddings (B, dim), float32 on the CPU, of a normalised batch (from `normalize`)."""

@@ -35,10 +35,10 @@ class SleepBackbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.seconds_per_crop > 0:
             time.sleep(self.seconds_per_crop * x.shape[0])  # releases the GIL, like waiting on a device
-        # 8 × 8 pixels per channel on an even grid: costs next to nothing whatever the view size
-        rows = torch.linspace(0, x.shape[2] - 1, 8, device=x.device).long()
-        cols = torch.linspace(0, x.shape[3] - 1, 8, device=x.device).long()
-        sampled = x[:, :, rows][:, :, :, cols].float().flatten(1)
+        # 8 × 8 pixels per channel on an even grid (a strided view: no copy of the batch), zero-padded below 8 px
+        grid = x[:, :, :: max(1, x.shape[2] // 8), :: max(1, x.shape[3] // 8)][:, :, :8, :8]
+        grid = nn.functional.pad(grid, (0, 8 - grid.shape[3], 0, 8 - grid.shape[2]))
+        sampled = grid.float().flatten(1)
         out: torch.Tensor = sampled @ self.projection
         return out
 

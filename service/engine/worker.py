@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -41,6 +42,7 @@ from service.metrics import Metrics
 
 log = logging.getLogger("metta.engine")
 _POLL_S = 0.1  # every blocking wait in a stage wakes at least this often
+SWITCH_INTERVAL_S = 0.0005  # for the process (see Engine.__aenter__)
 
 
 class WorkerDied(NotReady):
@@ -126,6 +128,9 @@ class Engine:
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def __aenter__(self) -> Engine:
+        # The stages hand the GIL to each other several times per batch (every torch call releases it);
+        # at Python's default 5 ms switch interval a stage that wants it back waits up to 5 ms each time.
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         for thread in self._threads:
             thread.start()
         return self
