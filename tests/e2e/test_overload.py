@@ -134,7 +134,7 @@ def test_overload_at_twice_capacity_gives_200s_and_429s_within_bounds(tmp_path: 
 def test_many_clients_vanishing_mid_request_leave_nothing_behind(server: ServerProcess) -> None:
     clients, images, samples = 12, 8, 128
     image = base64.b64encode(small_png(1)).decode()
-    body = json.dumps({"images": [image] * images, "samples": samples, "seed": 3}).encode()
+    body = json.dumps({"images": [image] * images, "samples": samples, "seed": 3, "policy": "crop_flip"}).encode()
     before = httpx.get(f"{server.url}/metrics").text
     crops_before = metric(before, "metta_crops_total")
     gone_before = metric(before, 'metta_rejected_total{reason="client_gone"}')
@@ -275,7 +275,7 @@ def test_sigterm_refuses_new_connections_while_draining(server: ServerProcess) -
     def post() -> None:
         try:
             reply = httpx.post(f"{server.url}/v1/embeddings", headers=AUTH, timeout=60,
-                               json={"images": [image] * 8, "samples": 128, "seed": 1})
+                               json={"images": [image] * 8, "samples": 128, "seed": 1, "policy": "crop_flip"})
             replies.append(reply.status_code)
         except httpx.HTTPError as exc:
             replies.append(repr(exc))
