@@ -163,6 +163,7 @@ def test_a_client_sending_a_byte_at_a_time_is_cut_off_and_holds_no_capacity(serv
     body = f'{{"images": ["{image}"], "samples": 2}}'.encode()
     request = raw_request(body)
     reply = bytearray()
+    reset = []
 
     def trickle() -> None:
         with socket.create_connection(("127.0.0.1", server.port)) as sock:
@@ -177,8 +178,11 @@ def test_a_client_sending_a_byte_at_a_time_is_cut_off_and_holds_no_capacity(serv
                 except OSError:
                     break
                 time.sleep(0.01)
-            while chunk := sock.recv(65536):  # to EOF: the server closes the connection after its 408
-                reply.extend(chunk)
+            try:
+                while chunk := sock.recv(65536):  # to EOF: the server closes the connection after its 408
+                    reply.extend(chunk)
+            except ConnectionResetError:  # a byte sent as the server closed: the kernel answers it with a reset
+                reset.append(True)
 
     slow = threading.Thread(target=trickle)
     started = time.monotonic()
@@ -193,9 +197,10 @@ def test_a_client_sending_a_byte_at_a_time_is_cut_off_and_holds_no_capacity(serv
     slow.join(30)
     assert served >= 1
     head = bytes(reply).split(b"\r\n\r\n", 1)[0].decode()
-    assert head.startswith("HTTP/1.1 408"), bytes(reply)[:300]
-    assert b'"request_timeout"' in reply
-    assert "connection: close" in head.lower()
+    if reply or not reset:  # unless a reset beat the reply to the client, the 408 must be there
+        assert head.startswith("HTTP/1.1 408"), bytes(reply)[:300]
+        assert b'"request_timeout"' in reply
+        assert "connection: close" in head.lower()
     assert time.monotonic() - started < 20  # cut off by the 2 s body timeout, not after its 40 s of trickling
 
 
