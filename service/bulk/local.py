@@ -18,10 +18,9 @@ from service.bulk.dataset import Dataset, ErrorLog, Row
 from service.bulk.files import read_input
 from service.bulk.progress import Progress
 from service.core.decode import decode_image
-from service.core.embedding import EmbedOptions, ImageJob
+from service.core.embedding import EmbedOptions, ImageJob, embed_stream
 from service.core.errors import ServiceError
 from service.core.options import PolicyError
-from service.core.stream import embed_stream
 
 T = TypeVar("T")
 R = TypeVar("R")

@@ -9,9 +9,10 @@ and the library compute exactly the same thing.
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -309,20 +310,51 @@ def embed(
     if len(images) == 0:
         raise PolicyError("no images given")
     options = EmbedOptions(samples, policy, seed, return_variance, normalize, view_normalize, return_dispersion)
-    jobs = [ImageJob(image, options, model) for image in images]
-    pending = list(jobs)
-    while pending:
-        batch: list[Chunk] = []
-        room = max_batch_crops
-        while pending and room > 0:
-            chunk = pending[0].take(room)
-            room -= len(chunk.views)
-            batch.append(chunk)
-            if pending[0].pending == 0:
-                pending.pop(0)
-        run_chunks(model, batch)
-    results = [job.result() for job in jobs]
+    jobs = ((index, ImageJob(image, options, model)) for index, image in enumerate(images))
+    results = [result for _, result in embed_stream(model, jobs, max_batch_crops=max_batch_crops)]
     embeddings = np.stack([r.embedding for r in results])
     variances = np.stack([r.variance for r in results if r.variance is not None]) if return_variance else None
     dispersions = np.array([r.dispersion for r in results]) if return_dispersion else None
     return EmbedResult(embeddings, variances, dispersions)
+
+
+Key = TypeVar("Key")
+
+
+def embed_stream(model: LoadedModel, jobs: Iterable[tuple[Key, ImageJob]], *,
+                 max_batch_crops: int = 32) -> Iterator[tuple[Key, ImageResult]]:
+    """Yield `(key, result)` for every `(key, job)` of `jobs`, in input order, batching their views.
+
+    The library's one batching loop (`embed` runs its list through it; `metta embed` a folder of any size).
+    Jobs are pulled only when a batch has room for their views, and each result is yielded once its last
+    view is reduced, so at most about one batch of images is alive at a time.
+    """
+    if max_batch_crops < 1:
+        raise PolicyError(f"max_batch_crops must be at least 1, got {max_batch_crops}")
+    source = iter(jobs)
+    waiting: deque[tuple[Key, ImageJob]] = deque()  # views not all handed out yet (at most one, the oldest)
+    running: deque[tuple[Key, ImageJob]] = deque()  # every view handed out, not all reduced yet
+    exhausted = False
+    while True:
+        batch: list[Chunk] = []
+        room = max_batch_crops
+        while room > 0:
+            if not waiting:
+                item = None if exhausted else next(source, None)
+                if item is None:
+                    exhausted = True
+                    break
+                waiting.append(item)
+            job = waiting[0][1]
+            chunk = job.take(room)
+            room -= len(chunk.views)
+            batch.append(chunk)
+            if job.pending == 0:
+                running.append(waiting.popleft())
+        if not batch:
+            return
+        run_chunks(model, batch)
+        # Jobs finish in the order their views were handed out, so the finished ones are a prefix.
+        while running and running[0][1].done:
+            key, job = running.popleft()
+            yield key, job.result()

@@ -14,9 +14,8 @@ from models import ModelOptions, create_model
 from service.bulk.dataset import Dataset, Row, RunSettings
 from service.bulk.files import UsageError, find_images
 from service.client import Limits, plan_requests
-from service.core.embedding import EmbedOptions, ImageJob, embed
+from service.core.embedding import EmbedOptions, ImageJob, embed, embed_stream
 from service.core.policies import make_policy
-from service.core.stream import embed_stream
 
 
 @pytest.fixture(scope="module")
