@@ -80,6 +80,7 @@ class LoadedModel:
         std = torch.tensor(spec.preprocess.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
         self._mean = mean.to(device)
         self._std = std.to(device)
+        self._rows_by_width: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # see normalize_into
 
     def set_decoding(self, *, jpeg_decoder: str, color: str) -> None:
         """The server's decoding choices change pixels too: the reported fingerprint names them.
@@ -106,6 +107,35 @@ class LoadedModel:
         # One pass to float in the engine's layout, then in place: half the time of `(x - mean) / std`
         normalized = torch.empty(views.shape, dtype=torch.float32, device=self.device, memory_format=self.input_format)
         return normalized.copy_(views).sub_(self._mean).div_(self._std)
+
+    def new_batch(self, rows: int, size: int) -> torch.Tensor:
+        """An empty float32 (rows, 3, size, size) batch on the model's device, in the engine's input layout."""
+        return torch.empty((rows, 3, size, size), dtype=torch.float32, device=self.device,
+                           memory_format=self.input_format)
+
+    def normalize_into(self, view: torch.Tensor, out: torch.Tensor) -> None:
+        """One uint8 (3, H, W) view, normalised into `out` (a row of `new_batch`): `normalize`'s values.
+
+        A view from the CPU renderer is pixel-interleaved, as a channels-last row is, so this is a straight
+        pass while the view is still in cache; normalising a whole stacked batch into channels-last
+        instead transposes it, at twice the cost of the resize itself.
+        """
+        height, width = int(view.shape[1]), int(view.shape[2])
+        if view.stride(0) != 1 or out.stride(0) != 1 or out.device != view.device:
+            out.copy_(view).sub_(self._mean[0]).div_(self._std[0])
+            return
+        # Both pixel-interleaved: each image row is W×3 values; the mean and std repeat along it. A (3,)
+        # broadcast over that layout would not vectorise (3× slower).
+        mean_row, std_row = self._interleaved_rows(width)
+        rows = out.permute(1, 2, 0).view(height, width * 3)
+        rows.copy_(view.permute(1, 2, 0).reshape(height, width * 3)).sub_(mean_row).div_(std_row)
+
+    def _interleaved_rows(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self._rows_by_width.get(width)
+        if rows is None:
+            mean, std = self._mean.view(3).repeat(width), self._std.view(3).repeat(width)
+            rows = self._rows_by_width[width] = (mean, std)
+        return rows
 
     def normalize_float(self, views: torch.Tensor) -> torch.Tensor:
         """float (B, 3, H, W) pixels in [0, 255] (a device renderer's output) → normalised, in place."""

@@ -168,58 +168,61 @@ class RenderedBatch:
 def render_batch(model: LoadedModel, chunks: Sequence[Chunk], map_images: MapImages = map) -> RenderedBatch:
     """Stage 1: the pixels of every view, grouped by output size, normalised, on the model's device.
 
-    Work is done per image (all its views in this batch): on the CPU each view is cut and resized
-    from the image's uint8 working copy (the fastest renderer measured there); on CUDA the views of
-    one image that share a size are made in one batched call on the device (`render_views_on_device`),
-    so kernels are launched per image and size, not per view. `map_images` may spread the images over
-    a thread pool (torch's resize releases the GIL).
+    Work is done per image (all its views in this batch), and each image's views are written straight
+    into their rows of the batch, so no image waits for another and nothing is copied twice. On the CPU
+    each view is cut and resized from the image's uint8 working copy (the fastest renderer measured
+    there) and normalised into its row while it is still in cache, in the engine's layout. On CUDA the
+    views of one image that share a size are made in one batched call on the device
+    (`render_views_on_device`), so kernels are launched per image and size, not per view, and each
+    group is normalised once. `map_images` may spread the images over a thread pool (torch's resize
+    and copies release the GIL).
     """
-    where_by_job: dict[int, list[tuple[int, int]]] = defaultdict(list)  # id(job) → its (chunk, view) pairs
-    sources: dict[int, torch.Tensor] = {}
+    places: dict[int, list[tuple[int, int]]] = defaultdict(list)  # size → (chunk, view) per row
+    images: dict[int, _ImageRows] = {}  # id(job) → its rows
     for c, chunk in enumerate(chunks):
-        sources[id(chunk.job)] = chunk.job.source
-        where_by_job[id(chunk.job)] += [(c, v) for v in range(len(chunk.views))]
+        rows = images.setdefault(id(chunk.job), _ImageRows(chunk.job.source, defaultdict(list)))
+        for v, view in enumerate(chunk.views):
+            rows.by_size[view.size].append((c, v))
+    firsts: list[dict[int, int]] = []  # per image: size → its first row in that size's group
+    for rows in images.values():
+        firsts.append({size: len(places[size]) for size in rows.by_size})
+        for size, pairs in rows.by_size.items():
+            places[size] += pairs
+    batches = {size: model.new_batch(len(where), size) for size, where in places.items()}
+    on_device = model.device.type == "cuda"
+    preprocess = model.spec.preprocess
 
-    def render_image(key: int) -> list[RenderedViews]:
-        return _render_one_image(model, sources[key], chunks, where_by_job[key])
+    def render_image(index: int) -> None:
+        rows, first = ordered[index], firsts[index]
+        for size, pairs in rows.by_size.items():
+            views = [chunks[c].views[v] for c, v in pairs]
+            out = batches[size][first[size] : first[size] + len(pairs)]
+            if on_device:
+                out.copy_(render_views_on_device(rows.source, views, preprocess))
+            else:
+                for k, view in enumerate(views):
+                    model.normalize_into(render_view(rows.source, view, preprocess), out[k])
 
-    places: dict[int, list[tuple[int, int]]] = defaultdict(list)
-    pieces: dict[int, list[torch.Tensor]] = defaultdict(list)
-    for rendered in map_images(render_image, list(sources)):
-        for size, pixels, where in rendered:
-            pieces[size].append(pixels)
-            places[size] += where
+    ordered = list(images.values())
+    for _ in map_images(render_image, list(range(len(ordered)))):
+        pass
     groups = []
-    for size, parts in pieces.items():
-        pixels = torch.cat(parts)
-        normalized = model.normalize_float(pixels) if pixels.is_floating_point() else model.normalize(pixels)
-        groups.append(SizeGroup(size, normalized, places[size]))
+    for size, pixels in batches.items():
+        if on_device:
+            pixels = model.normalize_float(pixels)
+        groups.append(SizeGroup(size, pixels, places[size]))
     return RenderedBatch(list(chunks), groups)
 
 
-RenderedViews = tuple[int, torch.Tensor, list[tuple[int, int]]]  # (output size, pixels, (chunk, view) per row)
-MapImages = Callable[[Callable[[int], list[RenderedViews]], list[int]], Iterable[list[RenderedViews]]]
+@dataclass
+class _ImageRows:
+    """One image's views in a batch, by output size: (chunk index, view index) per view."""
+
+    source: torch.Tensor
+    by_size: dict[int, list[tuple[int, int]]]
 
 
-def _render_one_image(model: LoadedModel, source: torch.Tensor, chunks: Sequence[Chunk],
-                      where: list[tuple[int, int]]) -> list[RenderedViews]:
-    """One image's views in this batch, per output size: one call on CUDA, one resize per view on the CPU."""
-    preprocess = model.spec.preprocess
-    by_size: dict[int, list[tuple[int, int]]] = defaultdict(list)
-    for c, v in where:
-        by_size[chunks[c].views[v].size].append((c, v))
-    out = []
-    for size, pairs in by_size.items():
-        views = [chunks[c].views[v] for c, v in pairs]
-        if model.device.type == "cuda":
-            pixels = render_views_on_device(source, views, preprocess)
-        else:
-            pixels = torch.stack([render_view(source, view, preprocess, flip=False) for view in views])
-            flips = [k for k, view in enumerate(views) if view.flip]
-            if flips:  # one batched flip: a flip per view on its interleaved layout cost a third of the resize
-                pixels[flips] = pixels[flips].flip(-1)
-        out.append((size, pixels, pairs))
-    return out
+MapImages = Callable[[Callable[[int], None], list[int]], Iterable[None]]
 
 
 def forward_batch(model: LoadedModel, rendered: RenderedBatch,

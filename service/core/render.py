@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
 from models import Preprocess
@@ -35,9 +36,35 @@ def render_view(image: torch.Tensor, view: View, preprocess: Preprocess, *, flip
     if (view.height, view.width) == (view.size, view.size):
         out = image[:, view.top : view.top + view.size, view.left : view.left + view.size]  # no resampling
     else:
-        out = TF.resized_crop(image, view.top, view.left, view.height, view.width, [view.size, view.size],
-                              interpolation=_interpolation(preprocess), antialias=True)
-    return TF.horizontal_flip(out) if view.flip and flip else out
+        out = resize_box(image, view, preprocess)
+    return flip_width(out) if view.flip and flip else out
+
+
+def resize_box(image: torch.Tensor, view: View, preprocess: Preprocess) -> torch.Tensor:
+    """The view's box, resized to (size, size) with antialiasing: torchvision's `resized_crop`, pixel for pixel.
+
+    A pixel-interleaved image's box is handed to torch as a channels-last batch of one, so it is resized
+    interleaved and comes back interleaved. torchvision lets torch allocate a strided box's output
+    planar, and torch's uint8 kernel then repacks it: 1.4× the time here, and the copy into a
+    channels-last batch row must then transpose it back.
+    """
+    box = image[:, view.top : view.top + view.height, view.left : view.left + view.width]
+    mode = _interpolation(preprocess)
+    if image.device.type != "cpu" or image.stride(0) != 1:
+        return TF.resize(box, [view.size, view.size], interpolation=mode, antialias=True)
+    # A batch of one may have any batch stride; one past the whole box makes the strides read as channels-last.
+    batch = box.unsqueeze(0).as_strided((1, *box.shape), (box.stride(1) * box.shape[1], *box.stride()))
+    resized: torch.Tensor = F.interpolate(batch, size=[view.size, view.size], mode=mode.value, align_corners=False,
+                                          antialias=True)
+    return resized[0]
+
+
+def flip_width(pixels: torch.Tensor) -> torch.Tensor:
+    """Mirror (3, H, W) pixels left to right, in their own layout: torch's flip returns pixel-interleaved
+    input planar, and the copy into an interleaved (channels-last) batch row would then transpose it."""
+    if pixels.stride(0) == 1:
+        return pixels.permute(1, 2, 0).flip(1).permute(2, 0, 1)
+    return pixels.flip(-1)
 
 
 def shrink_for_views(image: torch.Tensor, views: list[View], preprocess: Preprocess) -> tuple[torch.Tensor, list[View]]:

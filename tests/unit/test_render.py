@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from unittest import mock
 
 import numpy as np
 import pytest
 import torch
+from torchvision.transforms.v2 import functional as TF
 
 from models import LoadedModel, create_model
 from service.core import embedding, render
@@ -79,3 +81,36 @@ def test_two_chunks_of_one_image_in_a_batch_still_make_one_call() -> None:
         rendered = embedding.render_batch(device_model(model), chunks)
     assert resample.call_count == 1
     assert sorted(rendered.groups[0].places) == [(c, v) for c in range(2) for v in range(16)]
+
+
+# ------------------------------------------------------------------------------------ the CPU renderer
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_cpu_views_are_torchvisions_pixels_and_stay_pixel_interleaved(interpolation: str) -> None:
+    """Each view is exactly torchvision's resized_crop (+ flip) and keeps the source's interleaved layout, so
+    its copy into a channels-last batch row is a straight pass, not a transpose."""
+    preprocess = dataclasses.replace(create_model("dummy").spec.preprocess, interpolation=interpolation)
+    image = render.pixel_interleaved(photo(3, 375, 500))
+    views = make_policy("crop_flip").plan(375, 500, 16, 3, preprocess)
+    mode = TF.InterpolationMode.BICUBIC if interpolation == "bicubic" else TF.InterpolationMode.BILINEAR
+    for view in views:
+        expected = TF.resized_crop(image, view.top, view.left, view.height, view.width, [view.size] * 2,
+                                   interpolation=mode, antialias=True)
+        got = render_view(image, view, preprocess)
+        assert torch.equal(got, expected.flip(-1) if view.flip else expected)
+        assert got.stride(0) == 1, f"view {view} came back planar: strides {got.stride()}"
+
+
+@pytest.mark.parametrize("input_format", [torch.channels_last, torch.contiguous_format])
+def test_normalising_view_by_view_into_the_batch_gives_normalizes_values(input_format: torch.memory_format) -> None:
+    dummy = create_model("dummy")
+    model = LoadedModel(dummy.spec, dummy.forward, device=dummy.device, dtype=dummy.dtype, mode=dummy.mode,
+                        fingerprint="test", input_format=input_format)
+    image = render.pixel_interleaved(photo(5))
+    views = [render_view(image, v, model.spec.preprocess)
+             for v in make_policy("crop_flip").plan(300, 400, 8, 5, model.spec.preprocess)]
+    batch = model.new_batch(len(views), views[0].shape[-1])
+    for row, view in enumerate(views):
+        model.normalize_into(view, batch[row])
+    assert batch.is_contiguous(memory_format=input_format)
+    assert torch.equal(batch, model.normalize(torch.stack(views)))
