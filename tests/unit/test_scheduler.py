@@ -173,6 +173,16 @@ def test_auto_samples_shrink_to_meet_the_deadline(model) -> None:  # type: ignor
     assert s.auto_samples(1, SamplesRange(4, 32), timeout_s=1.0) == 24
 
 
+def test_auto_samples_judge_the_smallest_s_with_a_narrower_margin(model) -> None:  # type: ignore[no-untyped-def]
+    s = scheduler(max_queue_crops=4096, chunk_crops=8)
+    s.seconds_per_crop = 0.01
+    s.admit(jobs(model, 40))
+    # S=4: 4 crops + one turn of 8 ahead = 0.12 s: over half of a 0.2 s deadline, within 0.6 of it.
+    assert s.auto_samples(1, SamplesRange(4, 32), timeout_s=0.2) == 4
+    with pytest.raises(Overloaded):
+        s.auto_samples(1, SamplesRange(4, 32), timeout_s=0.19)  # 0.12 s > 0.6 × 0.19 s
+
+
 def test_a_limited_job_keeps_the_prefix_of_its_plan(model) -> None:  # type: ignore[no-untyped-def]
     full = jobs(model, 32, seed=5)[0]
     cut = jobs(model, 32, seed=5)[0]
