@@ -232,12 +232,19 @@ async def _run_views(request: Request, state: ServiceState, images: list[bytes],
     pixels = _pixel_reservation(state)  # the request's decoded pixels, held until it settles
     metrics.inflight_requests.inc()
     try:
+        # One deadline for the whole request: what decoding used is not given again to the queue and forward.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + views.timeout_s
         decoding = _decode_all(state, images, resolved, pixels)
         jobs = await _decoded_in_time(request, state, decoding, views.timeout_s)
+        left_s = deadline - loop.time()
+        if left_s <= 0:
+            metrics.rejected.labels("deadline").inc()
+            raise DeadlineExceeded(f"decoding the images used the request's whole deadline ({views.timeout_s:g} s)")
         engine = state.engine
-        pending = engine.admit(jobs, views.timeout_s, samples_range=auto)
+        pending = engine.admit(jobs, left_s, samples_range=auto)
         try:
-            results = await _wait_unless_disconnected(request, engine.result(pending, views.timeout_s))
+            results = await _wait_unless_disconnected(request, engine.result(pending, left_s))
         except (asyncio.CancelledError, ClientGone):
             engine.abandon(pending, "client_gone")  # at once, before the worker forms its next batch
             raise

@@ -245,7 +245,8 @@ class Engine:
             return await asyncio.wait_for(asyncio.shield(waiter.future), timeout_s)
         except TimeoutError:
             self.abandon(ticket, "deadline")
-            raise DeadlineExceeded(f"the request did not finish within {timeout_s:g} s") from None
+            raise DeadlineExceeded(f"the request did not finish within its deadline ({timeout_s:g} s after it was "
+                                   "queued)") from None
         except asyncio.CancelledError:
             self.abandon(ticket, "client_gone")
             raise

@@ -15,7 +15,7 @@ from models import ModelOptions, create_model
 from service.api.app import create_app
 from service.core.decode import decode_image, image_size
 from service.settings import Settings
-from tests.integration.conftest import TEST_SETTINGS, png_bytes, serve
+from tests.integration.conftest import TEST_SETTINGS, ControlledModel, png_bytes, serve
 
 pytestmark = pytest.mark.anyio
 GOOD = png_bytes(0)
@@ -73,6 +73,20 @@ async def test_decoding_stops_at_the_deadline_and_the_rest_never_starts(slow_dec
         await asyncio.sleep(2.5)
         assert slow_decoder["slow"] == 1  # one decoding when the deadline passed; three never started
         assert rejected(client, "deadline") == 1
+
+
+async def test_one_deadline_covers_decoding_and_the_queue(slow_decoder: dict[str, int]) -> None:
+    """timeout_ms is the request's whole budget: 2 s of decoding leave 1 s of a 3 s deadline to the queue and
+    the forward (before, the queue got the whole 3 s again and the 504 came after 5 s)."""
+    spy = ControlledModel()
+    async with serve(model=spy.loaded(), decode_workers=2) as client:
+        spy.gate.clear()  # the device never answers
+        started = time.perf_counter()
+        reply = await client.post("/v1/embeddings", json={"images": [b64(SLOW)], "timeout_ms": 3000})
+        elapsed = time.perf_counter() - started
+        spy.gate.set()
+    assert reply.status_code == 504 and reply.json()["error"]["type"] == "deadline_exceeded"
+    assert 2.9 < elapsed < 3.8, elapsed
 
 
 async def test_readyz_is_503_while_every_decode_worker_is_stuck(slow_decoder: dict[str, int]) -> None:
