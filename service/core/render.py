@@ -51,7 +51,8 @@ def resize_box(image: torch.Tensor, view: View, preprocess: Preprocess) -> torch
     box = image[:, view.top : view.top + view.height, view.left : view.left + view.width]
     mode = _interpolation(preprocess)
     if image.device.type != "cpu" or image.stride(0) != 1:
-        return TF.resize(box, [view.size, view.size], interpolation=mode, antialias=True)
+        planar: torch.Tensor = TF.resize(box, [view.size, view.size], interpolation=mode, antialias=True)
+        return planar
     # A batch of one may have any batch stride; one past the whole box makes the strides read as channels-last.
     batch = box.unsqueeze(0).as_strided((1, *box.shape), (box.stride(1) * box.shape[1], *box.stride()))
     resized: torch.Tensor = F.interpolate(batch, size=[view.size, view.size], mode=mode.value, align_corners=False,
