@@ -211,7 +211,8 @@ class Scheduler:
             expected_s = self._seconds_for(self._crops_until_done(crops), unknown=0.0)
             if expected_s > timeout_s:
                 return Overloaded(f"with {queued} crops queued, this request's {crops} crops would take about "
-                                  f"{expected_s:.0f} s, past the {timeout_s:g} s deadline; retry later", headers=retry)
+                                  f"{expected_s:.2g} s, past its deadline (it may wait {timeout_s:.2g} s); retry later",
+                                  headers=retry)
         return None
 
     def _crops_until_done(self, crops: int) -> int:

@@ -179,7 +179,7 @@ def test_auto_samples_judge_the_smallest_s_with_a_narrower_margin(model) -> None
     s.admit(jobs(model, 40))
     # S=4: 4 crops + one turn of 8 ahead = 0.12 s: over half of a 0.2 s deadline, within 0.6 of it.
     assert s.auto_samples(1, SamplesRange(4, 32), timeout_s=0.2) == 4
-    with pytest.raises(Overloaded):
+    with pytest.raises(Overloaded, match=r"would take about 0\.12 s, past its deadline \(it may wait 0\.11 s\)"):
         s.auto_samples(1, SamplesRange(4, 32), timeout_s=0.19)  # 0.12 s > 0.6 × 0.19 s
 
 
