@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import numpy as np
@@ -177,34 +177,33 @@ def render_batch(model: LoadedModel, chunks: Sequence[Chunk], map_images: MapIma
     group is normalised once. `map_images` may spread the images over a thread pool (torch's resize
     and copies release the GIL).
     """
-    places: dict[int, list[tuple[int, int]]] = defaultdict(list)  # size → (chunk, view) per row
-    images: dict[int, _ImageRows] = {}  # id(job) → its rows
+    by_job: dict[int, _ImageViews] = {}  # id(job) → that image's views in this batch
     for c, chunk in enumerate(chunks):
-        rows = images.setdefault(id(chunk.job), _ImageRows(chunk.job.source, defaultdict(list)))
+        image = by_job.setdefault(id(chunk.job), _ImageViews(chunk.job.source))
         for v, view in enumerate(chunk.views):
-            rows.by_size[view.size].append((c, v))
-    firsts: list[dict[int, int]] = []  # per image: size → its first row in that size's group
-    for rows in images.values():
-        firsts.append({size: len(places[size]) for size in rows.by_size})
-        for size, pairs in rows.by_size.items():
+            image.by_size[view.size].append((c, v))
+    images = list(by_job.values())
+    places: dict[int, list[tuple[int, int]]] = defaultdict(list)  # size → (chunk, view) per row
+    for image in images:  # an image's views of one size fill consecutive rows of that size's group
+        for size, pairs in image.by_size.items():
+            image.first_row[size] = len(places[size])
             places[size] += pairs
     batches = {size: model.new_batch(len(where), size) for size, where in places.items()}
     on_device = model.device.type == "cuda"
     preprocess = model.spec.preprocess
 
     def render_image(index: int) -> None:
-        rows, first = ordered[index], firsts[index]
-        for size, pairs in rows.by_size.items():
+        image = images[index]
+        for size, pairs in image.by_size.items():
             views = [chunks[c].views[v] for c, v in pairs]
-            out = batches[size][first[size] : first[size] + len(pairs)]
+            rows = batches[size][image.first_row[size] : image.first_row[size] + len(pairs)]
             if on_device:
-                out.copy_(render_views_on_device(rows.source, views, preprocess))
+                rows.copy_(render_views_on_device(image.source, views, preprocess))
             else:
-                for k, view in enumerate(views):
-                    model.normalize_into(render_view(rows.source, view, preprocess), out[k])
+                for row, view in zip(rows, views, strict=True):
+                    model.normalize_into(render_view(image.source, view, preprocess), row)
 
-    ordered = list(images.values())
-    for _ in map_images(render_image, list(range(len(ordered)))):
+    for _ in map_images(render_image, list(range(len(images)))):
         pass
     groups = []
     for size, pixels in batches.items():
@@ -215,11 +214,13 @@ def render_batch(model: LoadedModel, chunks: Sequence[Chunk], map_images: MapIma
 
 
 @dataclass
-class _ImageRows:
-    """One image's views in a batch, by output size: (chunk index, view index) per view."""
+class _ImageViews:
+    """One image's views in a batch: (chunk index, view index) per view by output size, and the first row
+    they fill in that size's group."""
 
     source: torch.Tensor
-    by_size: dict[int, list[tuple[int, int]]]
+    by_size: dict[int, list[tuple[int, int]]] = field(default_factory=lambda: defaultdict(list))
+    first_row: dict[int, int] = field(default_factory=dict)
 
 
 MapImages = Callable[[Callable[[int], None], list[int]], Iterable[None]]
