@@ -30,14 +30,13 @@ def pixel_interleaved(image: torch.Tensor) -> torch.Tensor:
 
 
 
-def render_view(image: torch.Tensor, view: View, preprocess: Preprocess, *, flip: bool = True) -> torch.Tensor:
-    """The pixels of one view: crop, antialiased resize to (size, size), its flip (unless `flip=False`: the
-    caller flips a whole batch at once); uint8."""
+def render_view(image: torch.Tensor, view: View, preprocess: Preprocess) -> torch.Tensor:
+    """The pixels of one view: crop, antialiased resize to (size, size), its flip; uint8, in the image's layout."""
     if (view.height, view.width) == (view.size, view.size):
         out = image[:, view.top : view.top + view.size, view.left : view.left + view.size]  # no resampling
     else:
         out = resize_box(image, view, preprocess)
-    return flip_width(out) if view.flip and flip else out
+    return flip_width(out) if view.flip else out
 
 
 def resize_box(image: torch.Tensor, view: View, preprocess: Preprocess) -> torch.Tensor:

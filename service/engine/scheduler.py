@@ -174,9 +174,9 @@ class Scheduler:
             if self.refusal(samples * images, budget_s) is None:
                 return samples
         # The floor gets a narrower margin: refusing it leaves the model idle while refused clients wait out a
-        # Retry-After of whole seconds. Measured at 2x load (`bench.goals --parts auto`): share 0.5 gave 1.8x
-        # the images/s of fixed S=32 (224 of 431 refused), 0.6 gave 4.0x (97 of 565 refused, no 504), the
-        # whole deadline 5.2x but 5 of 578 requests missed it (504).
+        # Retry-After of whole seconds. Measured at 2x load (`bench.goals --parts auto`, docs/benchmarks.md):
+        # share 0.5 gave 1.8x the images/s of fixed S=32 (224 of 431 refused), 0.6 gave 4.0x (97 of 565
+        # refused, no 504), 0.75 gave 5.2x but 3 of 612 requests missed their deadline (504).
         floor_s = None if timeout_s is None else timeout_s * AUTO_FLOOR_DEADLINE_SHARE
         refusal = self.refusal(samples_range.low * images, floor_s)
         if refusal is not None:

@@ -86,7 +86,7 @@ async def test_one_deadline_covers_decoding_and_the_queue(slow_decoder: dict[str
         elapsed = time.perf_counter() - started
         spy.gate.set()
     assert reply.status_code == 504 and reply.json()["error"]["type"] == "deadline_exceeded"
-    assert 2.9 < elapsed < 3.8, elapsed
+    assert 2.9 < elapsed < 4.5, elapsed  # before: 5 s
 
 
 async def test_readyz_is_503_while_every_decode_worker_is_stuck(slow_decoder: dict[str, int]) -> None:
