@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import functools
 import hmac
 import logging
@@ -225,24 +226,25 @@ async def _run_views(request: Request, state: ServiceState, images: list[bytes],
     """
     metrics = state.metrics
     assert state.engine is not None
-    # auto S: planned at samples_max; the scheduler cuts every job to the S it gives the request (ImageJob.limit)
+    # 429 before any decoding; an auto-S request gets its S here and its images are planned at it
     auto = None if views.auto is None else SamplesRange(*views.auto)
-    state.engine.check_room(len(images), options.samples, views.timeout_s, auto)  # 429 before any decoding
-    resolved = ResolvedOptions(options, "float", views)
+    samples = state.engine.check_room(len(images), options.samples, views.timeout_s, auto)
+    if samples != options.samples:
+        options = dataclasses.replace(options, samples=samples)
     pixels = _pixel_reservation(state)  # the request's decoded pixels, held until it settles
     metrics.inflight_requests.inc()
     try:
         # One deadline for the whole request: what decoding used is not given again to the queue and forward.
         loop = asyncio.get_running_loop()
         deadline = loop.time() + views.timeout_s
-        decoding = _decode_all(state, images, resolved, pixels)
+        decoding = _decode_all(state, images, options, pixels)
         jobs = await _decoded_in_time(request, state, decoding, views.timeout_s)
         left_s = deadline - loop.time()
         if left_s <= 0:
             metrics.rejected.labels("deadline").inc()
             raise DeadlineExceeded(f"decoding the images used the request's whole deadline ({views.timeout_s:g} s)")
         engine = state.engine
-        pending = engine.admit(jobs, left_s, samples_range=auto)
+        pending = engine.admit(jobs, left_s, requested_crops=None if auto is None else auto.high * len(jobs))
         try:
             results = await _wait_unless_disconnected(request, engine.result(pending, left_s))
         except (asyncio.CancelledError, ClientGone):
@@ -252,14 +254,13 @@ async def _run_views(request: Request, state: ServiceState, images: list[bytes],
         metrics.inflight_requests.dec()
         pixels.release()
     metrics.images.inc(len(jobs))
-    samples = len(jobs[0].views)
     metrics.samples_used.labels(endpoint).observe(samples)
     if views.auto is not None and samples < views.auto[1]:
         metrics.samples_shrunk.labels(endpoint).inc()
     return list(jobs), results
 
 
-async def _decode_all(state: ServiceState, images: list[bytes], resolved: ResolvedOptions,
+async def _decode_all(state: ServiceState, images: list[bytes], options: EmbedOptions,
                       pixels: Reservation) -> list[ImageJob]:
     """Every image's header size reserved at once against the pixel budget (429 when full: a request holds
     all of its room or none, so requests cannot starve each other halfway), then each image decoded and
@@ -279,16 +280,14 @@ async def _decode_all(state: ServiceState, images: list[bytes], resolved: Resolv
     except Overloaded:
         state.metrics.rejected.labels("overloaded").inc()
         raise
-    return await all_or_nothing([_decode_and_plan(state, data, i, resolved, share, pixels, upper)
+    return await all_or_nothing([_decode_and_plan(state, data, i, options, share, pixels, upper)
                                  for i, (data, upper) in enumerate(zip(images, uppers, strict=True))])
 
 
-async def _decode_and_plan(state: ServiceState, data: bytes, index: int, resolved: ResolvedOptions,
+async def _decode_and_plan(state: ServiceState, data: bytes, index: int, options: EmbedOptions,
                            share: asyncio.Semaphore, pixels: Reservation, upper: int) -> ImageJob:
     settings, model = state.settings, state.model
     assert model is not None
-    # auto S: the working copy waits for the S the scheduler gives (it depends on which views are kept)
-    auto = resolved.views is not None and resolved.views.auto is not None
 
     def work() -> tuple[ImageJob, float]:
         started = time.perf_counter()
@@ -296,7 +295,7 @@ async def _decode_and_plan(state: ServiceState, data: bytes, index: int, resolve
                              label=f"images[{index}]", jpeg_device=state.jpeg_device,
                              icc_to_srgb=settings.icc_to_srgb)
         elapsed = time.perf_counter() - started
-        return ImageJob(image, resolved.embed, model, defer_working_copy=auto), elapsed
+        return ImageJob(image, options, model), elapsed
 
     job, elapsed = await state.decode_pool.run(share, work)
     pixels.shrink(max(0, upper - job.pixels))  # the header's size was the upper bound; the working copy is less

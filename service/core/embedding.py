@@ -63,8 +63,7 @@ class ImageResult:
 class ImageJob:
     """One image's planned views, how many have been handed out, and the statistics of those done."""
 
-    def __init__(self, image: torch.Tensor, options: EmbedOptions, model: LoadedModel, *,
-                 defer_working_copy: bool = False) -> None:
+    def __init__(self, image: torch.Tensor, options: EmbedOptions, model: LoadedModel) -> None:
         check_image(image)
         self.options = options
         self.views: list[View] = options.policy.plan(
@@ -72,28 +71,14 @@ class ImageJob:
         )
         self.handed_out = 0
         self.stats = RunningStats(model.dim)
-        self._model = model
-        # The decoded image itself is not kept, only the working copy its views need — except for an auto-S
-        # request until `limit` says how many views it gets (the working copy depends on which views).
-        self._image: torch.Tensor | None = None
-        self.source = image
-        self.render_views: list[View] = []
-        if defer_working_copy:
-            self._image = image
-        else:
-            self._make_working_copy(image)
-
-    def _make_working_copy(self, image: torch.Tensor) -> None:
-        """Views are rendered from a working copy, downscaled once when every view allows it, then cut to the
-        bounding box of the views' boxes: a queued image holds only the pixels its views read."""
-        model = self._model
+        # The decoded image itself is not kept, only a working copy of the pixels its views read: downscaled
+        # once when every view allows it, then cut to the bounding box of the views' boxes.
         working = image if model.device.type == "cuda" else pixel_interleaved(image)
         small, small_views = shrink_for_views(working, self.views, model.spec.preprocess)
         self.source, self.render_views = crop_to_views(small, small_views)
         if model.device.type == "cuda" and self.source.device.type == "cpu":
             # One host→device copy per image (none when the JPEG was decoded there); views are made on the GPU.
             self.source = self.source.pin_memory().to(model.device, non_blocking=True)
-        self._image = None
 
     @property
     def pixels(self) -> int:
@@ -109,21 +94,8 @@ class ImageJob:
     def done(self) -> bool:
         return self.stats.count == len(self.views)
 
-    def limit(self, samples: int) -> None:
-        """Keep only the first `samples` views (auto S, before any is handed out). Plans are prefix-stable and
-        a deferred working copy is made now for exactly these views, so the result is a fixed-S request's."""
-        if self.handed_out or not 1 <= samples <= len(self.views):
-            raise PolicyError(f"cannot cut {len(self.views)} planned views to {samples} after handing some out")
-        self.views = self.views[:samples]
-        if self._image is not None:
-            self._make_working_copy(self._image)
-        else:
-            self.render_views = self.render_views[:samples]
-
     def take(self, n: int) -> Chunk:
         """Hand out the next n (or fewer) views as a chunk."""
-        if self._image is not None:  # deferred and never limited: all its planned views, then
-            self._make_working_copy(self._image)
         start = self.handed_out
         self.handed_out = min(len(self.views), start + n)
         return Chunk(self, self.render_views[start : self.handed_out])

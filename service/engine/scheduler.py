@@ -166,9 +166,8 @@ class Scheduler:
         pace, `AUTO_DEADLINE_SHARE` of its deadline; else the smallest, if it fits `AUTO_FLOOR_DEADLINE_SHARE`;
         else raises Overloaded.
 
-        Only a share: the pace is a moving average of a noisy figure, and the S that just fits the whole
-        deadline misses it about half the time (measured: 39 of 104 such requests answered 504 at 2x load).
-        Changes nothing."""
+        Only a share: the pace is a moving average of a noisy figure, so an S that just fits the whole deadline
+        often misses it (504). Changes nothing; `admit` queues the request at that S."""
         budget_s = None if timeout_s is None else timeout_s * AUTO_DEADLINE_SHARE
         for samples in range(samples_range.high, samples_range.low, -1):
             if self.refusal(samples * images, budget_s) is None:
@@ -289,11 +288,16 @@ class Scheduler:
                 ticket.first_batched_at = now
         return Batch(chunks, members, now)
 
-    def finished(self, batch: Batch, pace_seconds: float) -> list[Ticket]:
+    def finished(self, batch: Batch, stage_seconds: tuple[float, float, float], ran: int) -> list[Ticket]:
         """A batch's embeddings were added: learn the pace; returns its requests that are now complete
-        (and forgets them; abandoned ones are not returned)."""
-        if batch.crops:
-            per_crop = pace_seconds / batch.crops
+        (and forgets them; abandoned ones are not returned).
+
+        `stage_seconds` (render, forward, reduce) and `ran`, the crops the forward computed: rendering handled
+        every crop of the batch, the forward and reduce only those still wanted. The pace is the slowest stage
+        per crop it handled; a batch whose requests were all abandoned after rendering teaches nothing."""
+        if ran:
+            render_s, forward_s, reduce_s = stage_seconds
+            per_crop = max(render_s / batch.crops, forward_s / ran, reduce_s / ran)
             previous = self.seconds_per_crop
             # A short memory (the last ~10 batches): the pace changes with S, image sizes and machine load.
             self.seconds_per_crop = per_crop if previous is None else 0.9 * previous + 0.1 * per_crop

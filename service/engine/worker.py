@@ -186,27 +186,15 @@ class Engine:
         """Admit, then wait for the result (see `admit` and `result`)."""
         return await self.result(self.admit(jobs, timeout_s), timeout_s)
 
-    def admit(self, jobs: Sequence[ImageJob], timeout_s: float | None = None,
-              samples_range: SamplesRange | None = None) -> Ticket:
+    def admit(self, jobs: Sequence[ImageJob], timeout_s: float | None = None, *,
+              requested_crops: int | None = None) -> Ticket:
         """Queue a request's images (on the event loop); raises Overloaded or NotReady at once.
-
-        Auto S (`samples_range`, jobs planned for its high end with their working copies deferred): the
-        scheduler picks S, the jobs are cut to it and make their working copies outside the lock, then the
-        request is admitted at that S (refused after all if the queue filled meanwhile).
-        """
+        `requested_crops`: what an auto-S request asked for before `check_room` gave it its S."""
         loop = asyncio.get_running_loop()
         try:
-            requested = None
-            if samples_range is not None:
-                with self._cond:
-                    self._check_alive()
-                    samples = self.scheduler.auto_samples(len(jobs), samples_range, timeout_s)
-                for job in jobs:
-                    job.limit(samples)
-                requested = samples_range.high * len(jobs)
             with self._cond:
                 self._check_alive()
-                ticket = self.scheduler.admit(jobs, timeout_s=timeout_s, requested_crops=requested)
+                ticket = self.scheduler.admit(jobs, timeout_s=timeout_s, requested_crops=requested_crops)
                 self._queue_changed()
                 self._waiters[ticket.id] = _Waiter(loop.create_future(), loop)
                 self._cond.notify_all()
@@ -217,18 +205,21 @@ class Engine:
         return ticket
 
     def check_room(self, images: int, samples: int, timeout_s: float | None = None,
-                   samples_range: SamplesRange | None = None) -> None:
+                   samples_range: SamplesRange | None = None) -> int:
         """Raise now what `admit` would raise for this request's shape (Overloaded, NotReady), before its images
-        are decoded: under overload a refusal then costs no decoding. `admit` still checks again."""
+        are decoded: under overload a refusal then costs no decoding. Returns the S the request runs at: its
+        own, or for auto S (`samples_range`) the one the scheduler gives it now, so its images are planned and
+        cut to that S in the decode pool. `admit` still checks again."""
         try:
             with self._cond:
                 self._check_alive()
                 if self.scheduler.closed:
                     raise NotReady("the service is shutting down")
                 if samples_range is not None:
-                    self.scheduler.auto_samples(images, samples_range, timeout_s)
-                elif (refusal := self.scheduler.refusal(images * samples, timeout_s)) is not None:
+                    return self.scheduler.auto_samples(images, samples_range, timeout_s)
+                if (refusal := self.scheduler.refusal(images * samples, timeout_s)) is not None:
                     raise refusal
+                return samples
         except ServiceError as exc:
             if exc.status == 429:
                 self.metrics.rejected.labels("overloaded").inc()
@@ -369,10 +360,8 @@ class Engine:
             ran = batch.crops - sum(len(c.views) for c, out in zip(item.rendered.chunks, item.outputs, strict=True)
                                     if out is None)
             reduce_s = time.perf_counter() - started
-            # The pipeline's pace is its slowest stage: that is what the queue ahead of a new request costs.
-            pace_s = max(item.render_s, item.forward_s, reduce_s)
             with self._cond:
-                complete = self.scheduler.finished(batch, pace_s * batch.crops / max(1, ran))
+                complete = self.scheduler.finished(batch, (item.render_s, item.forward_s, reduce_s), ran)
                 self._queue_changed()
                 waiters = [(ticket, self._waiters.get(ticket.id)) for ticket in complete]
             self.counters.batches += 1

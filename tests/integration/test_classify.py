@@ -184,6 +184,25 @@ async def test_models_lists_defaults_and_classifier(dummy_with_head: LoadedModel
     assert "/v1/classify" in schema["paths"]
 
 
+async def test_an_auto_request_holds_only_its_working_copies_while_queued() -> None:
+    """Its S is given before decoding, so its images are planned, downscaled and cut in the decode pool like a
+    fixed-S request's, and its hold on the pixel budget shrinks to those copies (it held the whole decoded
+    800×600 image while queued when the cut waited for admission, on the event loop)."""
+    spy = ControlledModel()
+    async with serve(model=spy.loaded()) as client:
+        budget = client.app.state.metta.pixel_budget  # type: ignore[attr-defined]
+        spy.gate.clear()
+        spy.entered.clear()
+        auto = asyncio.create_task(client.post("/v1/embeddings", json={
+            "images": [b64(png_bytes(8, width=800, height=600))], "samples": "auto", "samples_max": 4,
+            "policy": "crop_flip", "seed": 1}))
+        await wait_until(spy.entered.is_set)
+        held = budget.held
+        spy.gate.set()
+        assert (await auto).status_code == 200
+    assert 0 < held < 800 * 600 // 4
+
+
 async def test_auto_samples_shrink_under_load_and_equal_a_fixed_s_request() -> None:
     spy = ControlledModel()
     image = b64(png_bytes(6))

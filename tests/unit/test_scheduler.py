@@ -41,7 +41,7 @@ def complete(scheduler: Scheduler, batch, seconds: float = 0.08):  # type: ignor
     """What the worker does after a forward: add (fake) embeddings, then report the batch done."""
     for chunk in batch.chunks:
         chunk.job.add(np.ones((len(chunk.views), chunk.job.stats.mean.shape[0])))
-    return scheduler.finished(batch, seconds)
+    return scheduler.finished(batch, (0.0, seconds, 0.0), batch.crops)
 
 
 def test_batches_are_formed_round_robin_in_chunks(model) -> None:  # type: ignore[no-untyped-def]
@@ -130,6 +130,18 @@ def test_the_pace_is_learned_from_finished_batches(model) -> None:  # type: igno
     assert s.wait_estimate_s() == pytest.approx(0.16)
 
 
+def test_the_pace_counts_only_the_crops_a_stage_handled(model) -> None:  # type: ignore[no-untyped-def]
+    """Abandoned after rendering: the render handled all 8 crops, the forward only the 4 still wanted. A batch
+    nobody waits for any more teaches nothing (its render time is not one crop's cost)."""
+    s = scheduler()
+    s.admit(jobs(model, 8))
+    s.finished(s.next_batch(), (0.04, 0.04, 0.0), ran=4)
+    assert s.seconds_per_crop == pytest.approx(0.01)  # the forward: 0.04 s for 4 crops
+    s.admit(jobs(model, 8))
+    s.finished(s.next_batch(), (0.08, 0.0, 0.0), ran=0)
+    assert s.seconds_per_crop == pytest.approx(0.01)
+
+
 def test_a_fuller_batch_is_waited_for_only_while_several_requests_are_queued(model) -> None:  # type: ignore[no-untyped-def]
     clock = Clock()
     s = scheduler(clock, max_wait_ms=50.0)
@@ -156,10 +168,7 @@ def test_auto_samples_take_the_largest_s_that_fits(model) -> None:  # type: igno
     assert s.auto_samples(1, wide) == 32
     s.admit(jobs(model, 32))
     assert s.auto_samples(2, wide) == 16  # 32 queued + 2 × 16 = 64
-    squeezed = jobs(model, 32, images=2)
-    for job in squeezed:
-        job.limit(16)
-    s.admit(squeezed, requested_crops=64)
+    s.admit(jobs(model, 16, images=2), requested_crops=64)  # an auto request given 16 of its 32
     assert s.requested_crops == 32 + 64 and s.queued_crops == 64  # the load asked for stays visible
     with pytest.raises(Overloaded):
         s.auto_samples(1, wide)
@@ -181,29 +190,3 @@ def test_auto_samples_judge_the_smallest_s_with_a_narrower_margin(model) -> None
     assert s.auto_samples(1, SamplesRange(4, 32), timeout_s=0.2) == 4
     with pytest.raises(Overloaded, match=r"would take about 0\.12 s, past its deadline \(it may wait 0\.11 s\)"):
         s.auto_samples(1, SamplesRange(4, 32), timeout_s=0.19)  # 0.12 s > 0.6 × 0.19 s
-
-
-def test_a_limited_job_keeps_the_prefix_of_its_plan(model) -> None:  # type: ignore[no-untyped-def]
-    full = jobs(model, 32, seed=5)[0]
-    cut = jobs(model, 32, seed=5)[0]
-    cut.limit(8)
-    assert cut.views == full.views[:8] and cut.render_views == full.render_views[:8]
-
-
-def test_a_deferred_job_cut_to_s_renders_exactly_like_a_fixed_s_request() -> None:
-    """On a real-sized photo the working copy depends on which views are kept (downscale and crop to their
-    boxes): an auto-S job makes it only once cut, so its views are pixel for pixel a fixed-S request's."""
-    from service.core.render import render_view
-
-    model = create_model("sleep:0")  # the default model's preprocessing, no forward cost
-    generator = torch.Generator().manual_seed(3)
-    photo = torch.randint(0, 256, (3, 375, 500), dtype=torch.uint8, generator=generator)
-    auto = ImageJob(photo, EmbedOptions(32, make_policy("crop_flip"), 11), model, defer_working_copy=True)
-    auto.limit(8)
-    fixed = ImageJob(photo, EmbedOptions(8, make_policy("crop_flip"), 11), model)
-    eager_cut = ImageJob(photo, EmbedOptions(32, make_policy("crop_flip"), 11), model)
-    eager_cut.limit(8)
-    assert tuple(auto.source.shape) == tuple(fixed.source.shape) != tuple(eager_cut.source.shape)
-    preprocess = model.spec.preprocess
-    for a, b in zip(auto.take(8).views, fixed.take(8).views, strict=True):
-        assert torch.equal(render_view(auto.source, a, preprocess), render_view(fixed.source, b, preprocess))
