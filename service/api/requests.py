@@ -16,7 +16,7 @@ from typing import Generic
 
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from service.api.limits import check_json_size
 from service.api.openai_compat import from_openai, is_openai_body
@@ -61,7 +61,7 @@ class ViewRequest:
     """The view options every endpoint resolves alike (see `resolve_views`)."""
 
     policy: str
-    samples: int  # S planned; for auto S, samples_max (the scheduler may cut the plan at admission)
+    samples: int  # S asked for; for auto S, samples_max (the scheduler gives the S before decoding)
     auto: tuple[int, int] | None  # (samples_min, samples_max) of a samples='auto' request
     seed: int
     timeout_s: float  # this request's deadline
@@ -152,7 +152,7 @@ async def _parse_multipart(request: Request, settings: Settings, schema: type[Op
     try:
         form = await request.form(
             max_files=settings.max_images + 1, max_fields=64, max_part_size=settings.max_body_bytes)
-    except ServiceError:
+    except (ServiceError, ClientDisconnect):  # a client gone mid-body is not a malformed body (499, as for JSON)
         raise
     except Exception as exc:  # starlette raises its own HTTPException / MultiPartException on bad bodies
         detail = getattr(exc, "detail", None) or getattr(exc, "message", None) or "malformed multipart body"
@@ -214,8 +214,8 @@ def resolve_views(options: ViewOptionsIn, settings: Settings, model_name: str, n
             low, high = auto_samples_range(policy_name, options.samples_min, options.samples_max, settings.max_samples)
             high = min(high, max(low, settings.max_request_crops // n_images))  # no more crops than a request may bring
             auto = (low, high)
-            # Planned at samples_max; at admission the scheduler cuts the plan to the S it can serve in time
-            # (`_run_views` in service/api/app.py hands it the range). Replies and metrics report len(job.views).
+            # The scheduler gives the S it can serve in time before the images are decoded (`_run_views` in
+            # service/api/app.py hands it the range); they are planned at that S. Replies report len(job.views).
             samples = high
         else:
             if {"samples_min", "samples_max"} & options.model_fields_set:
