@@ -11,7 +11,7 @@ import hmac
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from typing import Any, TypeVar
@@ -226,18 +226,15 @@ async def _run_views(request: Request, state: ServiceState, images: list[bytes],
     """
     metrics = state.metrics
     assert state.engine is not None
-    # 429 before any decoding; an auto-S request gets its S here and its images are planned at it
     auto = None if views.auto is None else SamplesRange(*views.auto)
-    samples = state.engine.check_room(len(images), options.samples, views.timeout_s, auto)
-    if samples != options.samples:
-        options = dataclasses.replace(options, samples=samples)
+    state.engine.check_room(len(images), options.samples, views.timeout_s, auto)  # 429 before any decoding
     pixels = _pixel_reservation(state)  # the request's decoded pixels, held until it settles
     metrics.inflight_requests.inc()
     try:
         # One deadline for the whole request: what decoding used is not given again to the queue and forward.
         loop = asyncio.get_running_loop()
         deadline = loop.time() + views.timeout_s
-        decoding = _decode_all(state, images, options, pixels)
+        decoding = _decode_all(state, images, options, pixels, auto, deadline)
         jobs = await _decoded_in_time(request, state, decoding, views.timeout_s)
         left_s = deadline - loop.time()
         if left_s <= 0:
@@ -254,24 +251,43 @@ async def _run_views(request: Request, state: ServiceState, images: list[bytes],
         metrics.inflight_requests.dec()
         pixels.release()
     metrics.images.inc(len(jobs))
+    samples = len(jobs[0].views)  # auto S: what the scheduler gave it
     metrics.samples_used.labels(endpoint).observe(samples)
     if views.auto is not None and samples < views.auto[1]:
         metrics.samples_shrunk.labels(endpoint).inc()
     return list(jobs), results
 
 
-async def _decode_all(state: ServiceState, images: list[bytes], options: EmbedOptions,
-                      pixels: Reservation) -> list[ImageJob]:
+async def _decode_all(state: ServiceState, images: list[bytes], options: EmbedOptions, pixels: Reservation,
+                      auto: SamplesRange | None, deadline: float) -> list[ImageJob]:
     """Every image's header size reserved at once against the pixel budget (429 when full: a request holds
     all of its room or none, so requests cannot starve each other halfway), then each image decoded and
-    planned, shrinking the hold to the working copy it keeps."""
-    settings = state.settings
+    planned, shrinking the hold to the working copy it keeps.
+
+    Auto S: the images are decoded first, then the scheduler gives the S from the queue as it is now (with
+    what is left of the deadline), then each image is planned at it, in the pool too.
+    """
+    settings, model = state.settings, state.model
+    assert model is not None and state.engine is not None
     share = state.decode_pool.request_share()
 
     def header_pixels(data: bytes, index: int) -> int:
         width, height = image_size(data, max_pixels=settings.max_image_pixels, max_side=settings.max_image_side,
                                    label=f"images[{index}]")
         return width * height
+
+    def decode(data: bytes, index: int) -> torch.Tensor:
+        started = time.perf_counter()
+        image = decode_image(data, max_pixels=settings.max_image_pixels, max_side=settings.max_image_side,
+                             label=f"images[{index}]", jpeg_device=state.jpeg_device,
+                             icc_to_srgb=settings.icc_to_srgb)
+        state.metrics.decode_duration.observe(time.perf_counter() - started)
+        return image
+
+    async def in_pool(plan: Callable[[], ImageJob], upper: int) -> ImageJob:
+        job = await state.decode_pool.run(share, plan)
+        pixels.shrink(max(0, upper - job.pixels))  # the header's size was the upper bound; the working copy is less
+        return job
 
     uppers = await all_or_nothing([state.decode_pool.run(share, functools.partial(header_pixels, data, i))
                                    for i, data in enumerate(images)])
@@ -280,27 +296,18 @@ async def _decode_all(state: ServiceState, images: list[bytes], options: EmbedOp
     except Overloaded:
         state.metrics.rejected.labels("overloaded").inc()
         raise
-    return await all_or_nothing([_decode_and_plan(state, data, i, options, share, pixels, upper)
-                                 for i, (data, upper) in enumerate(zip(images, uppers, strict=True))])
+    if auto is None:  # decoded and planned in one trip to the pool
+        def decode_and_plan(data: bytes, index: int) -> ImageJob:
+            return ImageJob(decode(data, index), options, model)
 
-
-async def _decode_and_plan(state: ServiceState, data: bytes, index: int, options: EmbedOptions,
-                           share: asyncio.Semaphore, pixels: Reservation, upper: int) -> ImageJob:
-    settings, model = state.settings, state.model
-    assert model is not None
-
-    def work() -> tuple[ImageJob, float]:
-        started = time.perf_counter()
-        image = decode_image(data, max_pixels=settings.max_image_pixels, max_side=settings.max_image_side,
-                             label=f"images[{index}]", jpeg_device=state.jpeg_device,
-                             icc_to_srgb=settings.icc_to_srgb)
-        elapsed = time.perf_counter() - started
-        return ImageJob(image, options, model), elapsed
-
-    job, elapsed = await state.decode_pool.run(share, work)
-    pixels.shrink(max(0, upper - job.pixels))  # the header's size was the upper bound; the working copy is less
-    state.metrics.decode_duration.observe(elapsed)
-    return job
+        return await all_or_nothing([in_pool(functools.partial(decode_and_plan, data, i), upper)
+                                     for i, (data, upper) in enumerate(zip(images, uppers, strict=True))])
+    decoded = await all_or_nothing([state.decode_pool.run(share, functools.partial(decode, data, i))
+                                    for i, data in enumerate(images)])
+    samples = state.engine.auto_samples(len(images), auto, deadline - asyncio.get_running_loop().time())
+    given = dataclasses.replace(options, samples=samples)
+    return await all_or_nothing([in_pool(functools.partial(ImageJob, image, given, model), upper)
+                                 for image, upper in zip(decoded, uppers, strict=True)])
 
 
 def _pixel_reservation(state: ServiceState) -> Reservation:

@@ -61,7 +61,7 @@ class ViewRequest:
     """The view options every endpoint resolves alike (see `resolve_views`)."""
 
     policy: str
-    samples: int  # S asked for; for auto S, samples_max (the scheduler gives the S before decoding)
+    samples: int  # S asked for; for auto S, samples_max (the scheduler gives the S once decoded)
     auto: tuple[int, int] | None  # (samples_min, samples_max) of a samples='auto' request
     seed: int
     timeout_s: float  # this request's deadline
@@ -214,8 +214,8 @@ def resolve_views(options: ViewOptionsIn, settings: Settings, model_name: str, n
             low, high = auto_samples_range(policy_name, options.samples_min, options.samples_max, settings.max_samples)
             high = min(high, max(low, settings.max_request_crops // n_images))  # no more crops than a request may bring
             auto = (low, high)
-            # The scheduler gives the S it can serve in time before the images are decoded (`_run_views` in
-            # service/api/app.py hands it the range); they are planned at that S. Replies report len(job.views).
+            # The scheduler gives the S it can serve in time once the images are decoded, and they are planned
+            # at it (`_decode_all` in service/api/app.py). Replies and metrics report len(job.views).
             samples = high
         else:
             if {"samples_min", "samples_max"} & options.model_fields_set:

@@ -19,7 +19,7 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -189,37 +189,39 @@ class Engine:
     def admit(self, jobs: Sequence[ImageJob], timeout_s: float | None = None, *,
               requested_crops: int | None = None) -> Ticket:
         """Queue a request's images (on the event loop); raises Overloaded or NotReady at once.
-        `requested_crops`: what an auto-S request asked for before `check_room` gave it its S."""
+        `requested_crops`: what an auto-S request asked for before `auto_samples` gave it its S."""
         loop = asyncio.get_running_loop()
-        try:
-            with self._cond:
-                self._check_alive()
-                ticket = self.scheduler.admit(jobs, timeout_s=timeout_s, requested_crops=requested_crops)
-                self._queue_changed()
-                self._waiters[ticket.id] = _Waiter(loop.create_future(), loop)
-                self._cond.notify_all()
-        except ServiceError as exc:
-            if exc.status == 429:
-                self.metrics.rejected.labels("overloaded").inc()
-            raise
+        with self._counting_refusals(), self._cond:
+            self._check_alive()
+            ticket = self.scheduler.admit(jobs, timeout_s=timeout_s, requested_crops=requested_crops)
+            self._queue_changed()
+            self._waiters[ticket.id] = _Waiter(loop.create_future(), loop)
+            self._cond.notify_all()
         return ticket
 
     def check_room(self, images: int, samples: int, timeout_s: float | None = None,
-                   samples_range: SamplesRange | None = None) -> int:
+                   samples_range: SamplesRange | None = None) -> None:
         """Raise now what `admit` would raise for this request's shape (Overloaded, NotReady), before its images
-        are decoded: under overload a refusal then costs no decoding. Returns the S the request runs at: its
-        own, or for auto S (`samples_range`) the one the scheduler gives it now, so its images are planned and
-        cut to that S in the decode pool. `admit` still checks again."""
+        are decoded: under overload a refusal then costs no decoding. `admit` still checks again."""
+        with self._counting_refusals(), self._cond:
+            self._check_alive()
+            if self.scheduler.closed:
+                raise NotReady("the service is shutting down")
+            if samples_range is not None:
+                self.scheduler.auto_samples(images, samples_range, timeout_s)
+            elif (refusal := self.scheduler.refusal(images * samples, timeout_s)) is not None:
+                raise refusal
+
+    def auto_samples(self, images: int, samples_range: SamplesRange, timeout_s: float) -> int:
+        """The S an auto-S request gets, given now (its images decoded, not yet planned) from the queue as it is."""
+        with self._counting_refusals(), self._cond:
+            self._check_alive()
+            return self.scheduler.auto_samples(images, samples_range, timeout_s)
+
+    @contextlib.contextmanager
+    def _counting_refusals(self) -> Iterator[None]:
         try:
-            with self._cond:
-                self._check_alive()
-                if self.scheduler.closed:
-                    raise NotReady("the service is shutting down")
-                if samples_range is not None:
-                    return self.scheduler.auto_samples(images, samples_range, timeout_s)
-                if (refusal := self.scheduler.refusal(images * samples, timeout_s)) is not None:
-                    raise refusal
-                return samples
+            yield
         except ServiceError as exc:
             if exc.status == 429:
                 self.metrics.rejected.labels("overloaded").inc()

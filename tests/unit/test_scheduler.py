@@ -120,6 +120,19 @@ def test_admission_refuses_what_would_miss_its_deadline_counting_round_robin_tur
         s.admit(jobs(model, 200), timeout_s=1.0)
 
 
+def test_an_auto_request_is_admitted_with_the_margin_its_s_was_given_with(model) -> None:  # type: ignore[no-untyped-def]
+    """Between the S given and the admission its images are planned and the queue may grow: it is admitted
+    only if its wait still fits 0.6 of its deadline, where a fixed-S request may use all of it."""
+    s = scheduler(max_queue_crops=4096, chunk_crops=8)
+    s.seconds_per_crop = 0.01
+    s.admit(jobs(model, 40))
+    # 4 crops + one turn of 8 ahead = 0.12 s: within a 0.15 s deadline, not within 0.6 of it (0.09 s).
+    with pytest.raises(Overloaded):
+        s.admit(jobs(model, 4), timeout_s=0.15, requested_crops=32)
+    s.admit(jobs(model, 4), timeout_s=0.15)
+    s.admit(jobs(model, 4), timeout_s=0.3, requested_crops=32)  # 4 + 8 + 4 crops: 0.16 s ≤ 0.6 × 0.3 s
+
+
 def test_the_pace_is_learned_from_finished_batches(model) -> None:  # type: ignore[no-untyped-def]
     s = scheduler()
     assert s.wait_estimate_s() == 0.0
