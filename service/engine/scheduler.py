@@ -187,8 +187,8 @@ class Scheduler:
         """Queue a request's jobs, or raise Overloaded/NotReady now. `requested_crops`: what an auto-S request
         asked for before `auto_samples` gave it its S (counted in `requested_crops`, for autoscaling); such a
         request keeps the margin its S was given with (`AUTO_FLOOR_DEADLINE_SHARE` of its deadline), as the
-        queue may have grown while its images were planned: measured, admitting it against its whole deadline
-        then made 11–16 of ~470 requests miss it (504) at 2x load."""
+        queue may have grown while its images were planned: admitted against its whole deadline, 16 of 472 missed it
+        (504) at 2x load (docs/benchmarks.md, "Auto S under overload")."""
         if self.closed:
             raise NotReady("the service is shutting down")
         crops = sum(len(job.views) for job in jobs)
