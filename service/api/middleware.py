@@ -10,7 +10,7 @@ from __future__ import annotations
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.core.errors import PayloadTooLarge, ServiceError
+from service.core.errors import Overloaded, PayloadTooLarge, ServiceError
 from service.engine.budget import Budget, Reservation
 from service.metrics import Metrics
 
@@ -98,7 +98,11 @@ class BodyLimitMiddleware:
                 if received > limit:
                     raise too_large(limit)
                 if reservation is not None and received > reservation.amount:
-                    reservation.grow(received - reservation.amount)  # a chunked body: held as it arrives
+                    try:
+                        reservation.grow(received - reservation.amount)  # a chunked body: held as it arrives
+                    except Overloaded:  # raised inside the app's read of the body: its handler counts no 429
+                        self.metrics.rejected.labels("overloaded").inc()
+                        raise
             return message
 
         async def send_closing_if_unread(message: Message) -> None:
