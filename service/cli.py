@@ -101,13 +101,13 @@ def _embed_command(args: argparse.Namespace) -> None:
     from service.core.decode import decode_image
     from service.core.embedding import embed
     from service.core.errors import ServiceError
-    from service.core.options import PolicyError
+    from service.core.options import PolicyError, samples_for
 
     overrides = {k: getattr(args, k) for k in ("model", "mode", "device") if getattr(args, k) is not None}
     settings = Settings(**overrides)
     policy = args.policy or settings.default_policy
-    samples = args.samples if args.samples is not None else (1 if policy == "center" else settings.default_samples)
     try:
+        samples = samples_for(policy, args.samples, settings.default_samples)
         images = [decode_image(path.read_bytes(), max_pixels=settings.max_image_pixels,
                                max_side=settings.max_image_side, label=str(path)) for path in args.images]
         model = create_model(settings.model, settings.model_options())

@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from models import LoadedModel, create_model
 from service.api.classify import CLASSIFY, classify, task_card
 from service.api.decoding import DecodePool, all_or_nothing
-from service.api.middleware import BodyLimitMiddleware, HeaderLimitMiddleware
+from service.api.middleware import BodyLimitMiddleware, HeaderLimitMiddleware, error_response
 from service.api.openai_compat import SERVED_SINCE, request_limits
 from service.api.requests import ResolvedOptions, ViewRequest, read_embeddings_request, resolve_options
 from service.api.schemas import (
@@ -403,17 +403,13 @@ async def _warm_up(state: ServiceState) -> None:
     await state.engine.submit([ImageJob(image, options, state.model)], timeout_s=600)
 
 
-def _error_response(error: ServiceError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
-
-
 def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     async def service_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ServiceError)
         reason = _REJECT_REASON.get(exc.status)
         if reason is not None:
             metrics.rejected.labels(reason).inc()
-        return _error_response(exc)
+        return error_response(exc)
 
     async def client_gone(request: Request, exc: Exception) -> Response:
         return Response(status_code=499)  # nobody reads it; nginx's code for "client closed request"
@@ -426,7 +422,7 @@ def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
         metrics.rejected.labels("invalid").inc()
         message = "; ".join(
             f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())  # type: ignore[attr-defined]
-        return _error_response(InvalidOption(message))
+        return error_response(InvalidOption(message))
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)

@@ -65,10 +65,6 @@ class Ticket:
         self._cursor = 0
 
     @property
-    def samples(self) -> int:
-        return len(self.jobs[0].views) if self.jobs else 0
-
-    @property
     def unhanded(self) -> int:
         """Crops not yet handed to a batch."""
         return sum(job.pending for job in self.jobs[self._cursor :])

@@ -159,10 +159,6 @@ class Engine:
         with self._cond:
             return self.scheduler.crops_dropped + self.counters.crops_skipped_in_flight
 
-    def wait_estimate_s(self) -> float:
-        with self._cond:
-            return self.scheduler.wait_estimate_s()
-
     async def drain(self, grace_s: float) -> None:
         """Refuse new work, then wait up to grace_s for admitted work to finish."""
         with self._cond:
