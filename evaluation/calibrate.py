@@ -1,4 +1,4 @@
-"""`python -m evaluation.calibrate`: temperatures for /v1/classify, the per-task figures, the label-free score.
+"""`python -m evaluation.calibrate`: temperatures for /v1/classify, the per-task figures.
 
 On the labelled sample photos, from the per-view cache of `metta eval` (each policy's views computed once):
 
@@ -8,7 +8,7 @@ On the labelled sample photos, from the per-view cache of `metta eval` (each pol
    vice versa;
 2. per way of making views: top-1, NLL (T = 1 and calibrated), ECE and near-duplicate recall@1 → the
    one file both the README and `GET /v1/models` read, `models/policy_quality.json`;
-3. the label-free uncertainty score, chosen among candidates on one half and reported on the other.
+(The label-free uncertainty score is `python -m evaluation.label_free`.)
 """
 
 from __future__ import annotations
@@ -29,13 +29,10 @@ from evaluation.views import cached_per_view
 from models.calibration import CALIBRATION_FILE, S_BUCKETS
 from models.policy_quality import POLICY_QUALITY_FILE, markdown_table
 from service.core.policies import CenterPolicy, CropFlipPolicy, MultiscalePolicy, Policy
-from service.core.reduce import dispersion
-from service.core.uncertainty import label_free_uncertainty
 
 log = logging.getLogger("metta.calibrate")
 S_MAX = 32  # the largest S of a bank; the 17+ bucket is fitted on S = 17 … 32
 ECE_BINS = 15
-CLASSIFY_S = 10  # /v1/classify's default S (crop_flip): the label-free score is chosen on its views
 
 
 # ---- temperature and ECE -------------------------------------------------------------------------
@@ -149,9 +146,8 @@ def run(model: Any, data_dir: Path, cache_dir: Path, seed: int = 0, limit: int |
                 ece(probs.max(axis=1), probs.argmax(axis=1) == labels), 4)
 
     rows = table_rows(banks, per_s, temperatures, labels, logits, queries)
-    chosen = choose_label_free(banks["crop_flip"][:, :CLASSIFY_S], per_s["crop_flip"][CLASSIFY_S], labels)
     return {"photos": len(labels), "seed": seed, "temperatures": temperatures, "ece_cross_fitted": calibration_ece,
-            "rows": rows, "label_free": chosen}
+            "rows": rows}
 
 
 def table_rows(banks: dict[str, np.ndarray], per_s: dict[str, dict[int, np.ndarray]],
@@ -222,45 +218,6 @@ def table_rows(banks: dict[str, np.ndarray], per_s: dict[str, dict[int, np.ndarr
     return rows
 
 
-def label_free_candidates(views: np.ndarray) -> dict[str, np.ndarray]:
-    """Head-free scores from S views (N, S, dim); higher = less certain."""
-    mean = views.mean(axis=1)
-    norm = np.linalg.norm(mean, axis=1)
-    return {
-        "dispersion": dispersion(M.l2_rows(views).sum(axis=1), views.shape[1]),
-        "mean_norm": norm,
-        "negative_mean_norm": -norm,
-        "activation_entropy": activation_entropy(mean),
-        "participation (l1/l2)": np.asarray(label_free_uncertainty(mean)),  # the service's score
-        "dispersion × mean_norm": dispersion(M.l2_rows(views).sum(axis=1), views.shape[1]) * norm,
-    }
-
-
-def activation_entropy(mean: np.ndarray) -> np.ndarray:
-    """Entropy of max(m, 0) / Σ max(m, 0) per row."""
-    positive = np.maximum(mean, 0.0)
-    p = positive / np.maximum(positive.sum(axis=1, keepdims=True), 1e-300)
-    out: np.ndarray = -(p * np.log(np.where(p > 0, p, 1.0))).sum(axis=1)
-    return out
-
-
-def choose_label_free(views: np.ndarray, mean_logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
-    """Pick the best candidate by AUROC for MeTTA top-1 errors on half A; report it on half B (and swapped)."""
-    error = mean_logits.argmax(axis=1) != labels
-    half = halves(len(labels))
-    candidates = label_free_candidates(views)
-    out: dict[str, Any] = {"views": f"crop_flip S={views.shape[1]}", "errors": int(error.sum()), "folds": []}
-    for choose_on in (0, 1):
-        on_a = {name: M.auroc(score[half == choose_on], error[half == choose_on]) for name, score in candidates.items()}
-        best = max(on_a, key=lambda name: on_a[name])
-        report = M.auroc(candidates[best][half != choose_on], error[half != choose_on])
-        out["folds"].append({"chosen_on_half": choose_on,
-                             "auroc_on_choosing_half": {k: round(v, 4) for k, v in on_a.items()},
-                             "chosen": best, "auroc_on_other_half": round(report, 4)})
-    out["all_photos"] = {name: round(M.auroc(score, error), 4) for name, score in candidates.items()}
-    return out
-
-
 def write_files(model: Any, study: dict[str, Any], calibration_path: Path, quality_path: Path) -> None:
     provenance = {"photos": study["photos"], "seed": study["seed"], "engine": model.mode,
                   "command": "python -m evaluation.calibrate"}
@@ -293,8 +250,7 @@ def main(argv: list[str] | None = None) -> None:
 
         load_policy_quality.cache_clear()
         print(markdown_table(model.name))
-    print(json.dumps({"temperatures": study["temperatures"], "ece": study["ece_cross_fitted"],
-                      "label_free": study["label_free"]["folds"]}, indent=1))
+    print(json.dumps({"temperatures": study["temperatures"], "ece": study["ece_cross_fitted"]}, indent=1))
 
 
 if __name__ == "__main__":
