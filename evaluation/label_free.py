@@ -36,12 +36,11 @@ from service.core.policies import CenterPolicy, make_policy
 from service.core.reduce import dispersion
 from service.core.render import render_view
 from service.core.uncertainty import label_free_uncertainty
-from service.settings import Settings
 
 log = logging.getLogger("metta.label_free")
-# /v1/classify's defaults: the study's views are its views, its errors the positives
-CLASSIFY_POLICY = make_policy(Settings.model_fields["classify_policy"].default)
-CLASSIFY_S = Settings.model_fields["classify_samples"].default
+# /v1/classify's defaults (`classify_policy`, `classify_samples`; a test keeps them equal): its views, its errors
+CLASSIFY_POLICY = make_policy("crop_flip")
+CLASSIFY_S = 10
 SHIPPED = "participation (l1/l2)"  # the service's `label_free_uncertainty`
 
 
