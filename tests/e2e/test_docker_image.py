@@ -325,6 +325,16 @@ def test_runs_as_non_root_on_a_read_only_root(container: str, docker: Docker) ->
     assert denied.returncode != 0 and "Read-only file system" in denied.stderr, denied.stderr
 
 
+def test_model_loads_send_no_openvino_telemetry(container: str, docker: Docker) -> None:
+    """OpenVINO's converter decides as below (its own call, openvino/tools/ovc/telemetry_utils.py) whether to
+    send usage events from a forked process at each model load; in the image the answer is no."""
+    probe = ("import openvino_telemetry as tm; print(tm.Telemetry(tid='probe', app_name='probe', app_version='0', "
+             "backend='ga4', enable_opt_in_dialog=False, disable_in_ci=True).consent)")
+    assert docker("exec", f"{NAME}-main", "python", "-c", probe).stdout.strip() == "False"
+    client_ids = docker("exec", f"{NAME}-main", "find", "/tmp", "/opt/metta-home", "-name", "openvino_ga_*")
+    assert client_ids.stdout.strip() == "", client_ids.stdout  # the service's own load wrote no client id
+
+
 def test_healthcheck_reports_healthy(container: str, docker: Docker) -> None:
     deadline = time.monotonic() + 60
     status = ""
