@@ -1,0 +1,106 @@
+"""Every refusal is counted exactly once in `metta_rejected_total`, under the reason its status means.
+
+The counts are made where each refusal is decided (the door, the app, the engine); this checks them all
+from outside, one refused request at a time: the counter of its reason moves by one, every other by none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import httpx
+import pytest
+
+from service.metrics import REJECT_REASONS
+from tests.integration.conftest import ControlledModel, png_bytes, serve
+
+pytestmark = pytest.mark.anyio
+GOOD = base64.b64encode(png_bytes(0)).decode()
+NOT_AN_IMAGE = base64.b64encode(b"this is not an image at all").decode()
+
+Send = Callable[[httpx.AsyncClient], Awaitable[httpx.Response]]
+
+
+def counts(client: httpx.AsyncClient) -> dict[str, float]:
+    metrics = client.app.state.metta.metrics  # type: ignore[attr-defined]
+    return {reason: metrics.rejected.labels(reason)._value.get() for reason in REJECT_REASONS}
+
+
+async def refused_once(client: httpx.AsyncClient, send: Send, status: int, reason: str) -> None:
+    before = counts(client)
+    reply = await send(client)
+    assert reply.status_code == status, reply.text
+    await asyncio.sleep(0.05)  # a count made after the reply (none should be) would show up here
+    moved = {name: value - before[name] for name, value in counts(client).items() if value != before[name]}
+    assert moved == {reason: 1}, (status, reply.text, moved)
+
+
+async def chunks(count: int, size: int) -> AsyncIterator[bytes]:
+    """A body with no content-length: its size is known only as it arrives."""
+    for _ in range(count):
+        yield b"x" * size
+
+
+def post_json(path: str, body: dict[str, object]) -> Send:
+    return lambda client: client.post(path, json=body)
+
+
+REQUEST_ERRORS = [
+    pytest.param(post_json("/v1/embeddings", {"images": [NOT_AN_IMAGE]}), 400, "invalid", id="not-an-image"),
+    pytest.param(lambda c: c.post("/v1/embeddings", files=[("images", ("a.png", b"nope", "image/png"))]),
+                 400, "invalid", id="multipart-not-an-image"),
+    pytest.param(post_json("/v1/embeddings", {"images": [GOOD], "colour": "red"}), 422, "invalid",
+                 id="unknown-option"),
+    pytest.param(post_json("/v1/embeddings", {"images": [GOOD], "samples": 100_000}), 422, "invalid",
+                 id="samples-too-large"),
+    pytest.param(post_json("/v1/embeddings", {"input": 42}), 422, "invalid", id="openai-input-not-images"),
+    pytest.param(post_json("/v1/classify", {"images": [GOOD], "normalize": True}), 422, "invalid",
+                 id="classify-embedding-only-option"),
+    pytest.param(lambda c: c.post("/v1/embeddings", content=b"{not json", headers={"content-type": "application/json"}),
+                 400, "invalid", id="malformed-json"),
+    pytest.param(lambda c: c.post("/v1/embeddings", content=b"x", headers={"content-type": "text/plain"}),
+                 415, "invalid", id="wrong-content-type"),
+    pytest.param(lambda c: c.post("/v1/embeddings", content=b"x" * 300_001,
+                                  headers={"content-type": "application/json"}),
+                 413, "too_large", id="body-too-large"),
+    pytest.param(lambda c: c.post("/v1/embeddings", content=chunks(40, 10_000),
+                                  headers={"content-type": "application/json"}),
+                 413, "too_large", id="chunked-body-too-large"),
+    pytest.param(lambda c: c.post("/v1/embeddings", json={"images": [GOOD], "junk": [{}] * 2_000}), 413, "too_large",
+                 id="too-many-json-values"),
+    pytest.param(lambda c: c.get("/healthz", headers={f"x-h{i}": "1" for i in range(30)}), 431, "too_large",
+                 id="too-many-headers"),
+]
+
+
+@pytest.mark.parametrize(("send", "status", "reason"), REQUEST_ERRORS)
+async def test_a_bad_request_is_counted_once_as_its_reason(send: Send, status: int, reason: str) -> None:
+    async with serve(max_body_bytes=300_000, max_json_elements=1_000, max_headers=20) as client:
+        await refused_once(client, send, status, reason)
+
+
+async def test_a_wrong_api_key_is_counted_once_as_unauthorized() -> None:
+    async with serve(api_keys="secret") as client:
+        await refused_once(client, post_json("/v1/embeddings", {"images": [GOOD]}), 401, "unauthorized")
+        await refused_once(client, post_json("/v1/classify", {"images": [GOOD]}), 401, "unauthorized")
+
+
+async def test_a_full_queue_and_a_missed_deadline_are_counted_once() -> None:
+    spy = ControlledModel()
+    async with serve(model=spy.loaded(), max_queue_crops=8, max_request_crops=8, max_batch_crops=4) as client:
+        spy.gate.clear()  # the device holds its first batch: the queue stays as filled
+        spy.entered.clear()
+        ahead = asyncio.create_task(client.post("/v1/embeddings", json={"images": [GOOD], "samples": 8}))
+        await asyncio.to_thread(spy.entered.wait, 10)
+        await refused_once(client, post_json("/v1/embeddings", {"images": [GOOD], "samples": 8}), 429, "overloaded")
+        await refused_once(client, post_json("/v1/embeddings", {"images": [GOOD], "samples": "auto", "samples_min": 8,
+                                                                "samples_max": 8}), 429, "overloaded")
+        spy.gate.set()
+        assert (await ahead).status_code == 200
+    async with serve(model=spy.loaded(), max_batch_crops=4) as client:
+        spy.gate.clear()
+        await refused_once(client, post_json("/v1/embeddings", {"images": [GOOD], "samples": 4, "timeout_ms": 300}),
+                           504, "deadline")
+        spy.gate.set()
