@@ -20,13 +20,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import numpy as np
 
 ImageInput = bytes | str | os.PathLike[str]  # raw bytes, or the path of an image file
+Samples = int | Literal["auto"] | None  # S; "auto": the server gives each request an S from its load
 MAX_SEED = 2**53 - 1
+AUTO_SAMPLES_MAX = 32  # the server's samples_max when an auto request gives none (tests keep them equal)
 _RETRIED_STATUS = (429, 503, 504)
 _PART_OVERHEAD = 512  # multipart headers per image, generously
 _FORM_OVERHEAD = 8_192  # the option fields and boundaries of one request
@@ -58,8 +60,9 @@ class Embeddings:
     model: str
     model_fingerprint: str
     policy: str
-    samples: int
+    samples: int  # S of every image; with samples="auto", the least S any part of the call was given
     seed: int
+    samples_per_image: np.ndarray  # (N,) int: the S each image got (parts of an auto call may differ)
 
 
 class MettaError(Exception):
@@ -74,7 +77,9 @@ class MettaError(Exception):
 
 @dataclass(frozen=True)
 class _Options:
-    samples: int | None
+    samples: Samples
+    samples_min: int | None
+    samples_max: int | None
     policy: str | None
     seed: int
     return_variance: bool
@@ -87,6 +92,10 @@ class _Options:
                   "return_dispersion": _flag(self.return_dispersion), "normalize": _flag(self.normalize)}
         if self.samples is not None:
             fields["samples"] = str(self.samples)
+        if self.samples_min is not None:
+            fields["samples_min"] = str(self.samples_min)
+        if self.samples_max is not None:
+            fields["samples_max"] = str(self.samples_max)
         if self.policy is not None:
             fields["policy"] = self.policy
         if self.model is not None:
@@ -98,11 +107,20 @@ def _flag(value: bool) -> str:
     return "true" if value else "false"
 
 
-def _options(samples: int | None, policy: str | None, seed: int | None, return_variance: bool,
-             return_dispersion: bool, normalize: bool, model: str | None) -> _Options:
+def _options(samples: Samples, samples_min: int | None, samples_max: int | None, policy: str | None,
+             seed: int | None, return_variance: bool, return_dispersion: bool, normalize: bool,
+             model: str | None) -> _Options:
     # One seed for every request of a split call, so each image's views do not depend on the split.
     chosen = secrets.randbelow(MAX_SEED + 1) if seed is None else seed
-    return _Options(samples, policy, chosen, return_variance, return_dispersion, normalize, model)
+    return _Options(samples, samples_min, samples_max, policy, chosen, return_variance, return_dispersion,
+                    normalize, model)
+
+
+def _planned_samples(options: _Options) -> int | None:
+    """The S a request is sized for: an auto request's largest, so the server need not cap it to fit."""
+    if options.samples == "auto":
+        return options.samples_max or AUTO_SAMPLES_MAX
+    return options.samples
 
 
 def read_image(image: ImageInput) -> bytes:
@@ -146,7 +164,7 @@ def _requests(images: Sequence[ImageInput], options: _Options, limits: Limits,
     if not images:
         raise ValueError("no images given")
     datas = [read_image(image) for image in images]
-    groups = plan_requests([upload_size(d) for d in datas], options.samples, limits, images_per_request)
+    groups = plan_requests([upload_size(d) for d in datas], _planned_samples(options), limits, images_per_request)
     return [[("images", (f"image-{i}", datas[i], "application/octet-stream")) for i in group] for group in groups]
 
 
@@ -158,6 +176,7 @@ def _vector(value: str | list[float]) -> np.ndarray:
 
 def _merge(replies: list[dict[str, Any]], options: _Options) -> Embeddings:
     entries = [entry for reply in replies for entry in sorted(reply["data"], key=lambda e: e["index"])]
+    samples = np.array([reply["samples"] for reply in replies for _ in reply["data"]], dtype=np.int64)
     first = replies[0]
     return Embeddings(
         embeddings=np.stack([_vector(e["embedding"]) for e in entries]),
@@ -165,7 +184,7 @@ def _merge(replies: list[dict[str, Any]], options: _Options) -> Embeddings:
         dispersions=(np.array([e["dispersion"] for e in entries], dtype=np.float64)
                      if options.return_dispersion else None),
         model=first["model"], model_fingerprint=first["model_fingerprint"], policy=first["policy"],
-        samples=first["samples"], seed=first["seed"],
+        samples=int(samples.min()), seed=first["seed"], samples_per_image=samples,
     )
 
 
@@ -225,11 +244,16 @@ class Client:
             self._limits = Limits.from_models(self.models())
         return self._limits
 
-    def embed(self, images: Sequence[ImageInput], *, samples: int | None = None, policy: str | None = None,
+    def embed(self, images: Sequence[ImageInput], *, samples: Samples = None, policy: str | None = None,
               seed: int | None = None, return_variance: bool = False, return_dispersion: bool = False,
-              normalize: bool = False, model: str | None = None) -> Embeddings:
-        """Mean embeddings of `images` (bytes or file paths), in order, as numpy arrays."""
-        options = _options(samples, policy, seed, return_variance, return_dispersion, normalize, model)
+              normalize: bool = False, model: str | None = None, samples_min: int | None = None,
+              samples_max: int | None = None) -> Embeddings:
+        """Mean embeddings of `images` (bytes or file paths), in order, as numpy arrays.
+
+        `samples="auto"` (with `samples_min`, `samples_max`): the server gives each request the largest S in
+        that range its load allows; see `samples_per_image`."""
+        options = _options(samples, samples_min, samples_max, policy, seed, return_variance, return_dispersion,
+                           normalize, model)
         requests = _requests(images, options, self.limits(), self.images_per_request)
         return _merge([self._send("POST", "/v1/embeddings", data=options.form(), files=files).json()
                        for files in requests], options)
@@ -280,11 +304,13 @@ class AsyncClient:
             self._limits = Limits.from_models(await self.models())
         return self._limits
 
-    async def embed(self, images: Sequence[ImageInput], *, samples: int | None = None, policy: str | None = None,
+    async def embed(self, images: Sequence[ImageInput], *, samples: Samples = None, policy: str | None = None,
                     seed: int | None = None, return_variance: bool = False, return_dispersion: bool = False,
-                    normalize: bool = False, model: str | None = None) -> Embeddings:
-        """Mean embeddings of `images` (bytes or file paths), in order, as numpy arrays."""
-        options = _options(samples, policy, seed, return_variance, return_dispersion, normalize, model)
+                    normalize: bool = False, model: str | None = None, samples_min: int | None = None,
+                    samples_max: int | None = None) -> Embeddings:
+        """Mean embeddings of `images` (bytes or file paths), in order, as numpy arrays (see `Client.embed`)."""
+        options = _options(samples, samples_min, samples_max, policy, seed, return_variance, return_dispersion,
+                           normalize, model)
         requests = _requests(images, options, await self.limits(), self.images_per_request)
 
         async def one(files: _Files) -> dict[str, Any]:

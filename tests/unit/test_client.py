@@ -86,3 +86,33 @@ def test_the_client_imports_without_torch() -> None:
             "print('ok')")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_auto_samples_sizes_requests_for_samples_max_and_reports_each_images_s() -> None:
+    given = iter([8, 6, 5])  # the S the server gives each request, from its load
+
+    def server(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json=MODELS)
+        reply = Script()(request).json()
+        return httpx.Response(200, json={**reply, "samples": next(given)})
+
+    sent: list[httpx.Request] = []
+
+    def recording(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return server(request)
+
+    with Client("http://metta", transport=httpx.MockTransport(recording)) as client:
+        result = client.embed([b"a", b"b", b"c"], samples="auto", samples_max=48, seed=1)
+    posts = [request.read() for request in sent if request.url.path == "/v1/embeddings"]
+    assert len(posts) == 3  # 64 crops a request / 48: one image each, so the server need not cap samples_max
+    assert all(b'name="samples"\r\n\r\nauto' in body and b'name="samples_max"\r\n\r\n48' in body for body in posts)
+    assert result.samples_per_image.tolist() == [8, 6, 5] and result.samples == 5
+
+
+def test_the_clients_auto_default_is_the_servers() -> None:
+    from service.client import AUTO_SAMPLES_MAX
+    from service.core.options import AUTO_SAMPLES_MAX as SERVER_DEFAULT
+
+    assert AUTO_SAMPLES_MAX == SERVER_DEFAULT
