@@ -42,6 +42,7 @@ from service.core.policies import MultiscalePolicy, make_policy
 from service.settings import Settings
 
 _DATA_URL = re.compile(r"data:image/[a-zA-Z0-9.+-]+;base64,", re.ASCII)
+_OTHER_DATA_URL = re.compile(r"data:([^,;]*)[^,]*,", re.ASCII)  # any other data: URL, named in the error
 _URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 
@@ -54,6 +55,15 @@ class ParsedRequest(Generic[OptionsT]):
     images: list[bytes]
     options: OptionsT
     openai: bool = False  # OpenAI's request shape: the reply takes OpenAI's shape too
+
+    @property
+    def image_field(self) -> str:
+        return image_field(self.openai)
+
+
+def image_field(openai: bool) -> str:
+    """The field a client sends its images in (OpenAI's shape: `input`): errors about one image name it."""
+    return "input" if openai else "images"
 
 
 @dataclass(frozen=True)
@@ -128,22 +138,27 @@ def _parse_json(body: bytes, settings: Settings, schema: type[OptionsT],
         raise InvalidOption(describe_validation_error(exc)) from None
     options = schema.model_validate(parsed.model_dump(exclude={"images"}, exclude_unset=True))
     texts: list[str] = parsed.images  # type: ignore[attr-defined]
-    return ParsedRequest([decode_base64(text, i) for i, text in enumerate(texts)], options, openai)
+    field = image_field(openai)
+    return ParsedRequest([decode_base64(text, f"{field}[{i}]") for i, text in enumerate(texts)], options, openai)
 
 
-def decode_base64(text: str, index: int) -> bytes:
-    label = f"images[{index}]"
+def decode_base64(text: str, label: str) -> bytes:
+    """One image sent as bare base64 or a data:image/...;base64, URL; `label` names it in errors."""
     if _URL.match(text):
         raise InvalidRequest(f"{label} looks like a URL; URLs are not fetched: send the image bytes")
     match = _DATA_URL.match(text)
     if match:
         text = text[match.end() :]
+    elif other := _OTHER_DATA_URL.match(text):
+        raise InvalidImage(f"{label} is a data: URL of {other.group(1) or 'text'!r}, not a base64 image "
+                           "(data:image/...;base64,)")
     if not text:
         raise InvalidImage(f"{label} is empty")
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise InvalidRequest(f"{label} is not valid base64 (standard alphabet, with padding)") from None
+        raise InvalidRequest(f"{label} is not valid base64 (standard alphabet, with padding): send each image as "
+                             "bare base64 or a data:image/...;base64, URL") from None
 
 
 async def _parse_multipart(request: Request, settings: Settings, schema: type[OptionsT]) -> ParsedRequest[OptionsT]:
@@ -221,12 +236,12 @@ def resolve_views(options: ViewOptionsIn, settings: Settings, model_name: str, n
             if {"samples_min", "samples_max"} & options.model_fields_set:
                 raise InvalidOption("samples_min, samples_max: only with samples='auto'")
             samples = samples_for(policy_name, options.samples, default_samples)
+        if samples > settings.max_samples:  # before the policy's own limit, which may be above this server's
+            raise InvalidOption(f"samples: at most {settings.max_samples}, got {samples}")
         if policy_name == "multiscale" and input_size is not None:
             MultiscalePolicy().sizes(samples, input_size)  # raises when the sizes cannot make that many views
     except PolicyError as exc:
         raise InvalidOption(f"samples: {exc}") from None
-    if samples > settings.max_samples:
-        raise InvalidOption(f"samples: at most {settings.max_samples}, got {samples}")
     least = auto[0] if auto is not None else samples
     if n_images * least > settings.max_request_crops:
         raise PayloadTooLarge(

@@ -229,7 +229,7 @@ def parse_form_options(fields: dict[str, str], schema: type[OptionsT] = EmbedOpt
     typed: dict[str, object] = {}
     for name, raw in fields.items():
         if name not in schema.model_fields:
-            raise InvalidOption(f"unknown option {name!r}")
+            raise InvalidOption(f"{name}: unknown option")  # worded as in JSON requests
         kind = schema.model_fields[name].annotation
         text = raw.strip()
         if kind in (bool,):
@@ -255,15 +255,27 @@ def validate_options(data: dict[str, object], schema: type[OptionsT] = EmbedOpti
 
 
 def describe_validation_error(exc: ValidationError) -> str:
-    """One readable line per problem, naming the field: 'samples: Input should be ...'."""
-    parts = []
+    """One readable line per field, naming it: 'samples: Input should be greater than or equal to 1 or 'auto''.
+
+    A field that may take several types (samples: int or "auto") gets one error per type from pydantic, each
+    under a type tag ('samples.constrained-int'); they are merged under the field's own name.
+    """
+    problems: dict[str, list[str]] = {}
     for error in exc.errors(include_url=False):
-        where = ".".join(str(p) for p in error["loc"]) or "body"
-        message = error["msg"]
-        if error["type"] == "extra_forbidden":
-            message = "unknown option"
-        parts.append(f"{where}: {message}")
-    return "; ".join(parts)
+        where = ".".join(str(p) for p in error["loc"] if not _is_type_tag(p)) or "body"
+        message = "unknown option" if error["type"] == "extra_forbidden" else error["msg"]
+        if problems.get(where) and message.startswith(_PYDANTIC_PREFIX):
+            message = message.removeprefix(_PYDANTIC_PREFIX)  # '... greater than 0 or 'auto''
+        problems.setdefault(where, []).append(message)
+    return "; ".join(f"{where}: {' or '.join(messages)}" for where, messages in problems.items())
+
+
+_PYDANTIC_PREFIX = "Input should be "
+
+
+def _is_type_tag(part: int | str) -> bool:
+    """pydantic's name for one member of a union ('constrained-int', "literal['auto']"), not a field or index."""
+    return isinstance(part, str) and not part.isidentifier()
 
 
 def openapi_request_body(json_request: type[BaseModel] = EmbeddingsJSONRequest,

@@ -42,8 +42,8 @@ def auto_samples_range(policy: str, samples_min: int, samples_max: int, max_samp
     policy always gets (1, 1)."""
     if policy in ONE_VIEW_POLICIES:
         return 1, 1
-    high = min(samples_max, max_samples)
-    if samples_min > high:
-        raise PolicyError(f"samples_min ({samples_min}) is above samples_max capped by the server's "
-                          f"max_samples ({high})")
-    return samples_min, high
+    if samples_min > samples_max:
+        raise PolicyError(f"samples_min ({samples_min}) is above samples_max ({samples_max})")
+    if samples_min > max_samples:
+        raise PolicyError(f"samples_min ({samples_min}) is above the server's max_samples ({max_samples})")
+    return samples_min, min(samples_max, max_samples)

@@ -48,6 +48,9 @@ async def test_input_gets_openais_reply_with_the_same_numbers_as_images() -> Non
     ({"input": []}, 422, "invalid_option", "input"),
     ({"images": ["AAAA"]}, 422, "invalid_option", "either images"),
     ({"temperature": 1}, 422, "invalid_option", "unknown option"),
+    ({"input": "hello world"}, 400, "invalid_request", "input[0] is not valid base64"),  # text, not an image
+    ({"input": [b64(png_bytes(0)), b64(b"not an image")]}, 400, "invalid_image", "input[1]"),
+    ({"input": ["data:text/plain;base64,aGVsbG8="]}, 400, "invalid_image", "input[0] is a data: URL of 'text/plain'"),
 ])
 async def test_what_openais_shape_cannot_mean_here_is_refused(extra, status, kind, words) -> None:
     async with serve() as client:

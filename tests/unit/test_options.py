@@ -118,3 +118,14 @@ def test_the_documented_form_booleans_are_what_the_parser_takes() -> None:
             assert getattr(parse_form_options({name: spelling}), name) is value
         with pytest.raises(InvalidOption, match=name):
             parse_form_options({name: "2"})
+
+
+def test_a_field_of_several_types_gets_one_readable_message_and_unknown_options_read_alike() -> None:
+    with pytest.raises(InvalidOption) as error:
+        validate_options({"samples": 0})
+    assert error.value.message == "samples: Input should be greater than or equal to 1 or 'auto'"  # no tags
+    with pytest.raises(InvalidOption) as json_error:
+        validate_options({"colour": "blue"})
+    with pytest.raises(InvalidOption) as form_error:
+        parse_form_options({"colour": "blue"})
+    assert json_error.value.message == form_error.value.message == "colour: unknown option"
