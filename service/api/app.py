@@ -49,7 +49,7 @@ from service.api.schemas import (
 )
 from service.core.decode import decode_image, image_size
 from service.core.embedding import EmbedOptions, ImageJob, ImageResult
-from service.core.errors import DeadlineExceeded, InvalidOption, NotReady, Overloaded, ServiceError, Unauthorized
+from service.core.errors import DeadlineExceeded, InvalidOption, NotReady, ServiceError, Unauthorized
 from service.core.policies import make_policy
 from service.core.uncertainty import label_free_uncertainty
 from service.engine.budget import Budget, Reservation
@@ -61,8 +61,6 @@ from service.settings import Settings
 log = logging.getLogger("metta.app")
 T = TypeVar("T")
 EMBEDDINGS = "/v1/embeddings"
-_REJECT_REASON = {400: "invalid", 408: "invalid", 415: "invalid", 422: "invalid", 413: "too_large",
-                  401: "unauthorized"}
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 408, 413, 415, 422, 429, 500, 503, 504)}
 
@@ -240,7 +238,6 @@ async def _run_views(request: Request, state: ServiceState, images: list[bytes],
         jobs = await _decoded_in_time(request, state, decoding, views.timeout_s)
         left_s = deadline - loop.time()
         if left_s <= 0:
-            metrics.rejected.labels("deadline").inc()
             raise DeadlineExceeded(f"decoding the images used the request's whole deadline ({views.timeout_s:g} s)")
         engine = state.engine
         pending = engine.admit(jobs, left_s, requested_crops=None if auto is None else auto.high * len(jobs))
@@ -293,11 +290,7 @@ async def _decode_all(state: ServiceState, images: list[bytes], options: EmbedOp
 
     uppers = await all_or_nothing([state.decode_pool.run(share, functools.partial(header_pixels, data, i))
                                    for i, data in enumerate(images)])
-    try:
-        pixels.grow(sum(uppers))
-    except Overloaded:
-        state.metrics.rejected.labels("overloaded").inc()
-        raise
+    pixels.grow(sum(uppers))
     if auto is None:  # decoded and planned in one trip to the pool
         def decode_and_plan(data: bytes, index: int) -> ImageJob:
             return ImageJob(decode(data, index), options, model)
@@ -314,11 +307,7 @@ async def _decode_all(state: ServiceState, images: list[bytes], options: EmbedOp
 
 def _pixel_reservation(state: ServiceState) -> Reservation:
     """An empty hold on the pixel budget for one request; 429 at once while the budget is over its bound."""
-    try:
-        return state.pixel_budget.reserve(0)
-    except Overloaded:
-        state.metrics.rejected.labels("overloaded").inc()
-        raise
+    return state.pixel_budget.reserve(0)
 
 
 class ClientGone(Exception):
@@ -333,7 +322,6 @@ async def _decoded_in_time(request: Request, state: ServiceState, decoding: Awai
         async with asyncio.timeout(timeout_s):
             return await _wait_unless_disconnected(request, decoding)
     except TimeoutError:
-        state.metrics.rejected.labels("deadline").inc()
         raise DeadlineExceeded(f"the images were not decoded within the request's deadline ({timeout_s:g} s)") from None
     except ClientGone:
         state.metrics.rejected.labels("client_gone").inc()
@@ -408,9 +396,7 @@ async def _warm_up(state: ServiceState) -> None:
 def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     async def service_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ServiceError)
-        reason = _REJECT_REASON.get(exc.status)
-        if reason is not None:
-            metrics.rejected.labels(reason).inc()
+        metrics.count_refusal(exc.status)  # every refusal the app answers, wherever it was raised
         return error_response(exc)
 
     async def client_gone(request: Request, exc: Exception) -> Response:
@@ -421,10 +407,9 @@ def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
         return Response(status_code=499)
 
     async def validation_error(request: Request, exc: Exception) -> Response:
-        metrics.rejected.labels("invalid").inc()
         message = "; ".join(
             f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())  # type: ignore[attr-defined]
-        return error_response(InvalidOption(message))
+        return await service_error(request, InvalidOption(message))
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.core.errors import Overloaded, PayloadTooLarge, ServiceError
+from service.core.errors import PayloadTooLarge, ServiceError
 from service.engine.budget import Budget, Reservation
 from service.metrics import Metrics
 
@@ -41,9 +41,9 @@ class HeaderLimitMiddleware:
             headers = scope.get("headers", [])
             size = sum(len(name) + len(value) + 4 for name, value in headers)  # "name: value\r\n"
             if len(headers) > self.max_headers or size > self.max_header_bytes:
-                self.metrics.rejected.labels("too_large").inc()
                 error = HeadersTooLarge(f"the request has {len(headers)} headers, {size} bytes; at most "
                                         f"{self.max_headers} headers and {self.max_header_bytes} bytes are accepted")
+                self.metrics.count_refusal(error.status)
                 await error_response(error)(scope, receive, closing(send))
                 return
         await self.app(scope, receive, send)
@@ -98,11 +98,9 @@ class BodyLimitMiddleware:
                 if received > limit:
                     raise too_large(limit)
                 if reservation is not None and received > reservation.amount:
-                    try:
-                        reservation.grow(received - reservation.amount)  # a chunked body: held as it arrives
-                    except Overloaded:  # raised inside the app's read of the body: its handler counts no 429
-                        self.metrics.rejected.labels("overloaded").inc()
-                        raise
+                    # A chunked body: held as it arrives. Raised inside the app's read of the body, so the
+                    # app's error handler answers (and counts) the 429 or 413.
+                    reservation.grow(received - reservation.amount)
             return message
 
         async def send_closing_if_unread(message: Message) -> None:
@@ -117,7 +115,7 @@ class BodyLimitMiddleware:
                 reservation.release()
 
     async def _refuse(self, error: ServiceError, scope: Scope, receive: Receive, send: Send) -> None:
-        self.metrics.rejected.labels("overloaded" if error.status == 429 else "too_large").inc()
+        self.metrics.count_refusal(error.status)
         await error_response(error)(scope, receive, closing(send))
 
 

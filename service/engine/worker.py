@@ -19,7 +19,7 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -187,7 +187,7 @@ class Engine:
         """Queue a request's images (on the event loop); raises Overloaded or NotReady at once.
         `requested_crops`: what an auto-S request asked for before `auto_samples` gave it its S."""
         loop = asyncio.get_running_loop()
-        with self._counting_refusals(), self._cond:
+        with self._cond:
             self._check_alive()
             ticket = self.scheduler.admit(jobs, timeout_s=timeout_s, requested_crops=requested_crops)
             self._queue_changed()
@@ -199,7 +199,7 @@ class Engine:
                    samples_range: SamplesRange | None = None) -> None:
         """Raise now what `admit` would raise for this request's shape (Overloaded, NotReady), before its images
         are decoded: under overload a refusal then costs no decoding. `admit` still checks again."""
-        with self._counting_refusals(), self._cond:
+        with self._cond:
             self._check_alive()
             if self.scheduler.closed:
                 raise NotReady("the service is shutting down")
@@ -210,18 +210,9 @@ class Engine:
 
     def auto_samples(self, images: int, samples_range: SamplesRange, timeout_s: float) -> int:
         """The S an auto-S request gets, given now (its images decoded, not yet planned) from the queue as it is."""
-        with self._counting_refusals(), self._cond:
+        with self._cond:
             self._check_alive()
             return self.scheduler.auto_samples(images, samples_range, timeout_s)
-
-    @contextlib.contextmanager
-    def _counting_refusals(self) -> Iterator[None]:
-        try:
-            yield
-        except ServiceError as exc:
-            if exc.status == 429:
-                self.metrics.rejected.labels("overloaded").inc()
-            raise
 
     def _check_alive(self) -> None:
         if self.dead is not None:
@@ -249,8 +240,8 @@ class Engine:
             abandoned = self.scheduler.abandon(ticket, reason)
             self._queue_changed()
             waiter = self._waiters.get(ticket.id)
-        if abandoned:
-            self.metrics.rejected.labels(reason).inc()
+        if abandoned and reason == "client_gone":  # no reply says so; a 504 is counted where it is answered
+            self.metrics.rejected.labels("client_gone").inc()
         if waiter is not None and not waiter.future.done():
             waiter.future.cancel()
 
@@ -295,7 +286,6 @@ class Engine:
             while True:
                 for ticket in self.scheduler.expire():
                     self._settle_locked(ticket, DeadlineExceeded("the request's deadline passed in the queue"))
-                    self.metrics.rejected.labels("deadline").inc()
                     self._queue_changed()
                 if self.dead is not None:
                     return None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
@@ -104,3 +105,25 @@ async def test_a_full_queue_and_a_missed_deadline_are_counted_once() -> None:
         await refused_once(client, post_json("/v1/embeddings", {"images": [GOOD], "samples": 4, "timeout_ms": 300}),
                            504, "deadline")
         spy.gate.set()
+
+
+
+def post_bytes(body: bytes | AsyncIterator[bytes]) -> Send:
+    return lambda client: client.post("/v1/embeddings", content=body, headers={"content-type": "application/json"})
+
+
+async def test_the_pixel_and_body_budgets_refusals_are_counted_once() -> None:
+    """A request held in the device holds its decoded pixels and its body; others meet the two budgets."""
+    spy = ControlledModel()
+    body = json.dumps({"images": [GOOD], "samples": 4}).encode()
+    for budget, send in [({"max_queue_pixels": 5_000}, post_bytes(body)),  # the held image: 10,800 pixels
+                         ({"max_inflight_body_bytes": len(body) + 1_000}, post_bytes(body)),  # at the door
+                         ({"max_inflight_body_bytes": len(body) + 1_000}, post_bytes(chunks(3, 1_000)))]:  # chunked
+        async with serve(model=spy.loaded(), **budget) as client:
+            spy.gate.clear()
+            spy.entered.clear()
+            held = asyncio.create_task(post_bytes(body)(client))
+            await asyncio.to_thread(spy.entered.wait, 10)
+            await refused_once(client, send, 429, "overloaded")
+            spy.gate.set()
+            assert (await held).status_code == 200
