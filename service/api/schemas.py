@@ -262,7 +262,8 @@ def describe_validation_error(exc: ValidationError) -> str:
     """
     problems: dict[str, list[str]] = {}
     for error in exc.errors(include_url=False):
-        where = ".".join(str(p) for p in error["loc"] if not _is_type_tag(p)) or "body"
+        loc = error["loc"]  # the field first (a client's name, whatever its spelling), then any type tags
+        where = ".".join(str(p) for p in loc[:1] + tuple(p for p in loc[1:] if not _is_type_tag(p))) or "body"
         message = "unknown option" if error["type"] == "extra_forbidden" else error["msg"]
         if problems.get(where) and message.startswith(_PYDANTIC_PREFIX):
             message = message.removeprefix(_PYDANTIC_PREFIX)  # '... greater than 0 or 'auto''

@@ -129,3 +129,6 @@ def test_a_field_of_several_types_gets_one_readable_message_and_unknown_options_
     with pytest.raises(InvalidOption) as form_error:
         parse_form_options({"colour": "blue"})
     assert json_error.value.message == form_error.value.message == "colour: unknown option"
+    for name in ("my-option", "2fast", "Samples "):  # not identifiers: still named, not taken for type tags
+        with pytest.raises(InvalidOption, match=f"^{name}: unknown option$"):
+            validate_options({name: 1})
