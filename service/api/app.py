@@ -30,6 +30,7 @@ from service.api.classify import CLASSIFY, classify, task_card
 from service.api.decoding import DecodePool, all_or_nothing
 from service.api.middleware import BodyLimitMiddleware, HeaderLimitMiddleware, error_response
 from service.api.openai_compat import SERVED_SINCE, request_limits
+from service.api.protocol import REFUSED
 from service.api.requests import ResolvedOptions, ViewRequest, read_embeddings_request, resolve_options
 from service.api.schemas import (
     ClassifyJSONRequest,
@@ -245,6 +246,7 @@ async def _run_views(request: Request, state: ServiceState, images: list[bytes],
             results = await _wait_unless_disconnected(request, engine.result(pending, left_s))
         except (asyncio.CancelledError, ClientGone):
             engine.abandon(pending, "client_gone")  # at once, before the worker forms its next batch
+            count_client_gone(request, metrics)
             raise
     finally:
         metrics.inflight_requests.dec()
@@ -314,6 +316,13 @@ class ClientGone(Exception):
     """The client disconnected before its reply was ready."""
 
 
+def count_client_gone(request: Request, metrics: Metrics) -> None:
+    """A request that gets no reply because its client left: counted once, unless the HTTP protocol cut it
+    short with a refusal of its own (which it counted)."""
+    if not getattr(request.state, REFUSED, False):
+        metrics.rejected.labels("client_gone").inc()
+
+
 async def _decoded_in_time(request: Request, state: ServiceState, decoding: Awaitable[list[ImageJob]],
                            timeout_s: float) -> list[ImageJob]:
     """The decoded jobs, unless the client leaves (ClientGone) or the deadline passes first (504); either
@@ -324,7 +333,7 @@ async def _decoded_in_time(request: Request, state: ServiceState, decoding: Awai
     except TimeoutError:
         raise DeadlineExceeded(f"the images were not decoded within the request's deadline ({timeout_s:g} s)") from None
     except ClientGone:
-        state.metrics.rejected.labels("client_gone").inc()
+        count_client_gone(request, state.metrics)
         raise
 
 
@@ -403,7 +412,7 @@ def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
         return Response(status_code=499)  # nobody reads it; nginx's code for "client closed request"
 
     async def client_disconnected(request: Request, exc: Exception) -> Response:
-        metrics.rejected.labels("client_gone").inc()  # left mid-body (or sent a broken one): not our 500
+        count_client_gone(request, metrics)  # left mid-body (or sent a broken one): not our 500
         return Response(status_code=499)
 
     async def validation_error(request: Request, exc: Exception) -> Response:

@@ -13,7 +13,9 @@ held its connection forever. This protocol adds, per connection:
   where it reads the body) of the end of the headers, else the connection is closed;
 - malformed requests get the error table's JSON 400, not uvicorn's plain text.
 
-Every refusal is reported to `on_reject(reason)` (the app's `metta_rejected_total`).
+Every refusal is reported to `on_reject(status)` (the app's `metta_rejected_total`). One that cuts short a
+request the app is still reading marks it (`REFUSED`, in the request's state), so the app, which then sees
+its client gone, does not count it a second time.
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from service.settings import Settings
 
 _REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+REFUSED = "refused_by_protocol"  # the key in a request's state (`request.state`) the app reads
 
 
 def guarded_protocol(*, max_header_bytes: int, max_headers: int, header_timeout_s: float, body_timeout_s: float,
-                     on_reject: Callable[[str], None] = lambda reason: None) -> type[HttpToolsProtocol]:
+                     on_reject: Callable[[int], None] = lambda status: None) -> type[HttpToolsProtocol]:
     """A protocol class for `uvicorn.run(..., http=...)` with these limits."""
 
     class Guarded(GuardedHttpProtocol):
@@ -51,7 +54,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     max_headers = 100
     header_timeout_s = 10.0
     body_timeout_s = 30.0
-    on_reject: Callable[[str], None] = staticmethod(lambda reason: None)
+    on_reject: Callable[[int], None] = staticmethod(lambda status: None)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -133,8 +136,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._timer = None
         if self.transport.is_closing():
             return
-        self.on_reject("invalid")
-        self.transport.close()  # the app sees a disconnect; it answered 408 already where it reads the body
+        self.on_reject(408)  # no reply: the app should have answered 408 where it reads the body
+        self._cut_short_the_apps_request()
+        self.transport.close()
 
     def send_400_response(self, msg: str) -> None:
         if self.cycle is not None and self.cycle.response_started and not self.cycle.response_complete:
@@ -146,24 +150,26 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         """Write one JSON error reply and close; the rest of the connection's bytes are ignored."""
         self._refused = True
         self._disarm()
-        self.on_reject("too_large" if status == 431 else "invalid")
+        self.on_reject(status)
         body = json.dumps({"error": {"type": kind, "message": message}}).encode()
         head = (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
                 b"connection: close\r\n\r\n" % (status, _REASONS[status], len(body)))
-        if self.cycle is not None and not self.cycle.response_complete:
-            self.cycle.disconnected = True  # the app, if it is running, sees the client gone
-            self.cycle.message_event.set()
+        self._cut_short_the_apps_request()
         self.transport.write(head + body)
         self.transport.close()
+
+    def _cut_short_the_apps_request(self) -> None:
+        """The app, if it is running this connection's request, sees its client gone; counted here already."""
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.scope["state"][REFUSED] = True
+            self.cycle.disconnected = True
+            self.cycle.message_event.set()
 
 
 def serving_protocol(settings: Settings, app: FastAPI) -> type[HttpToolsProtocol]:
     """The protocol `metta-serve` runs: the settings' limits, refusals counted in the app's metrics."""
     metrics = app.state.metta.metrics
 
-    def on_reject(reason: str) -> None:
-        metrics.rejected.labels(reason).inc()
-
     return guarded_protocol(max_header_bytes=settings.max_header_bytes, max_headers=settings.max_headers,
                             header_timeout_s=settings.header_timeout_s, body_timeout_s=settings.body_timeout_s,
-                            on_reject=on_reject)
+                            on_reject=metrics.count_refusal)

@@ -235,13 +235,12 @@ class Engine:
                 self._waiters.pop(ticket.id, None)
 
     def abandon(self, ticket: Ticket, reason: str) -> None:
-        """The client stopped waiting: the scheduler frees its room now; its crops not yet run never run."""
+        """The client stopped waiting: the scheduler frees its room now; its crops not yet run never run.
+        (The caller counts it: a 504 where it is answered, a client gone where it is noticed.)"""
         with self._cond:
-            abandoned = self.scheduler.abandon(ticket, reason)
+            self.scheduler.abandon(ticket, reason)
             self._queue_changed()
             waiter = self._waiters.get(ticket.id)
-        if abandoned and reason == "client_gone":  # no reply says so; a 504 is counted where it is answered
-            self.metrics.rejected.labels("client_gone").inc()
         if waiter is not None and not waiter.future.done():
             waiter.future.cancel()
 

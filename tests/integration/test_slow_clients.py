@@ -17,6 +17,7 @@ import uvicorn
 from models import ModelOptions, create_model
 from service.api.app import create_app
 from service.api.protocol import serving_protocol
+from service.metrics import REJECT_REASONS, Metrics
 from service.settings import Settings
 from tests.integration.conftest import TEST_SETTINGS
 
@@ -24,7 +25,8 @@ LIMITS = {"header_timeout_s": 1.0, "body_timeout_s": 1.0, "max_header_bytes": 81
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[tuple[str, int]]:
+def served() -> Iterator[tuple[tuple[str, int], Metrics]]:
+    """The server's address, and its metrics."""
     settings = Settings(**{**TEST_SETTINGS, **LIMITS})
     app = create_app(settings, model=create_model("dummy", ModelOptions(mode="eager")))
     config = uvicorn.Config(app, log_level="warning", http=serving_protocol(settings, app), lifespan="on")
@@ -41,9 +43,14 @@ def server() -> Iterator[tuple[str, int]]:
                 break
         except httpx.HTTPError:
             time.sleep(0.05)
-    yield address
+    yield address, app.state.metta.metrics
     instance.should_exit = True
     thread.join(10)
+
+
+@pytest.fixture
+def server(served: tuple[tuple[str, int], Metrics]) -> tuple[str, int]:
+    return served[0]
 
 
 def _reply(sock: socket.socket, timeout: float = 5.0) -> bytes:
@@ -141,3 +148,32 @@ def test_a_trickled_body_is_cut_off(server: tuple[str, int]) -> None:
                 break
         assert time.monotonic() - started < 3.5
         assert raw.startswith(b"HTTP/1.1 408")
+
+
+@pytest.mark.parametrize(("sends", "status"), [
+    pytest.param([b"transfer-encoding: chunked\r\n\r\n5\r\n{\"ima\r\n", 0.3, b"zz\r\nxx\r\n"], 400,
+                 id="malformed-chunk"),
+    pytest.param([b"content-length: 100\r\n\r\n{\"ima", 0.5, b"g", 0.5, b"e", 0.6, b"s"], 408, id="trickled-body"),
+])
+def test_a_request_the_protocol_cuts_short_is_counted_once(served: tuple[tuple[str, int], Metrics],
+                                                           sends: list[bytes | float], status: int) -> None:
+    """The protocol refuses (and counts) a request whose body the app is reading; the app then sees its client
+    gone and must not count it again (it did: invalid and client_gone for one request)."""
+    address, metrics = served
+
+    def counts() -> dict[str, float]:
+        return {reason: metrics.rejected.labels(reason)._value.get() for reason in REJECT_REASONS}
+
+    before = counts()
+    with socket.create_connection(address) as sock:
+        sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n")
+        for step in sends:
+            if isinstance(step, float):
+                time.sleep(step)
+            else:
+                sock.sendall(step)
+        raw = _reply(sock)
+    assert raw.startswith(b"HTTP/1.1 %d" % status), raw[:80]
+    time.sleep(1.0)  # the app's own handling of the cut-short request ends after the reply
+    moved = {reason: value - before[reason] for reason, value in counts().items() if value != before[reason]}
+    assert moved == {"invalid": 1}, moved
