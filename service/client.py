@@ -41,6 +41,7 @@ class Limits:
     max_images: int = 64
     max_body_bytes: int = 64 * 1024 * 1024
     max_request_crops: int = 1024
+    max_samples: int = 128
     default_samples: int = 3
 
     @classmethod
@@ -116,10 +117,10 @@ def _options(samples: Samples, samples_min: int | None, samples_max: int | None,
                     normalize, model)
 
 
-def _planned_samples(options: _Options) -> int | None:
-    """The S a request is sized for: an auto request's largest, so the server need not cap it to fit."""
+def _planned_samples(options: _Options, limits: Limits) -> int | None:
+    """The S a request is sized for: an auto request's largest (as the server caps it), so it need not be cut."""
     if options.samples == "auto":
-        return options.samples_max or AUTO_SAMPLES_MAX
+        return min(options.samples_max or AUTO_SAMPLES_MAX, limits.max_samples)
     return options.samples
 
 
@@ -164,7 +165,8 @@ def _requests(images: Sequence[ImageInput], options: _Options, limits: Limits,
     if not images:
         raise ValueError("no images given")
     datas = [read_image(image) for image in images]
-    groups = plan_requests([upload_size(d) for d in datas], _planned_samples(options), limits, images_per_request)
+    groups = plan_requests([upload_size(d) for d in datas], _planned_samples(options, limits), limits,
+                           images_per_request)
     return [[("images", (f"image-{i}", datas[i], "application/octet-stream")) for i in group] for group in groups]
 
 

@@ -7,6 +7,7 @@ import base64
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -89,26 +90,29 @@ def test_the_client_imports_without_torch() -> None:
 
 
 def test_auto_samples_sizes_requests_for_samples_max_and_reports_each_images_s() -> None:
-    given = iter([8, 6, 5])  # the S the server gives each request, from its load
+    """A request is sized for the most S it may get (samples_max, capped by the server's max_samples), so the
+    server never cuts an auto range to fit the request; each image's S comes back."""
 
-    def server(request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/v1/models":
-            return httpx.Response(200, json=MODELS)
-        reply = Script()(request).json()
-        return httpx.Response(200, json={**reply, "samples": next(given)})
+    def calls(max_samples: int, samples_max: int, given: list[int]) -> tuple[list[bytes], Any]:
+        models = {"data": [{"limits": {"max_images": 4, "max_request_crops": 64, "max_samples": max_samples}}]}
+        answers, posts = iter(given), []
 
-    sent: list[httpx.Request] = []
+        def server(request: httpx.Request) -> httpx.Response:
+            if request.url.path == "/v1/models":
+                return httpx.Response(200, json=models)
+            posts.append(request.read())
+            return httpx.Response(200, json={**Script()(request).json(), "samples": next(answers)})
 
-    def recording(request: httpx.Request) -> httpx.Response:
-        sent.append(request)
-        return server(request)
+        with Client("http://metta", transport=httpx.MockTransport(server)) as client:
+            return posts, client.embed([b"a", b"b", b"c"], samples="auto", samples_max=samples_max, seed=1)
 
-    with Client("http://metta", transport=httpx.MockTransport(recording)) as client:
-        result = client.embed([b"a", b"b", b"c"], samples="auto", samples_max=48, seed=1)
-    posts = [request.read() for request in sent if request.url.path == "/v1/embeddings"]
-    assert len(posts) == 3  # 64 crops a request / 48: one image each, so the server need not cap samples_max
+    posts, result = calls(max_samples=128, samples_max=48, given=[8, 6, 5])
+    assert len(posts) == 3  # 64 crops a request / 48: one image each
     assert all(b'name="samples"\r\n\r\nauto' in body and b'name="samples_max"\r\n\r\n48' in body for body in posts)
     assert result.samples_per_image.tolist() == [8, 6, 5] and result.samples == 5
+    posts, result = calls(max_samples=16, samples_max=48, given=[16, 16])
+    assert len(posts) == 1  # the server caps samples_max at 16: 3 images x 16 crops fit one request
+    assert result.samples_per_image.tolist() == [16, 16, 16]
 
 
 def test_the_clients_auto_default_is_the_servers() -> None:
