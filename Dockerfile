@@ -78,8 +78,9 @@ RUN --mount=type=bind,from=project,source=/dist,target=/dist \
 RUN mkdir -p /opt/metta-home/intel && printf 0 > /opt/metta-home/intel/openvino_telemetry
 
 # The root filesystem may be read-only (--read-only --tmpfs /tmp): bytecode was compiled at install time,
-# and every cache a library might write goes under /tmp by its own variable (HOME is not writable). METTA_HOST/METTA_PORT rather than CLI flags, so
-# that the HEALTHCHECK below and any override (-e METTA_PORT=9000) agree on the port.
+# and every cache a library might write goes under /tmp by its own variable (HOME is not writable).
+# METTA_HOST/METTA_PORT rather than CLI flags, so that the HEALTHCHECK below and any override
+# (-e METTA_PORT=9000) agree on the port.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \

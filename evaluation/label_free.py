@@ -156,8 +156,15 @@ def study(views: np.ndarray, error: np.ndarray, maps: np.ndarray | None) -> dict
 
 
 def _rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman's rho (no ties among continuous scores)."""
-    return float(np.corrcoef(np.argsort(np.argsort(a)), np.argsort(np.argsort(b)))[0, 1])
+    """Spearman's rho: Pearson's on ranks, tied values sharing their average rank (some scores are discrete)."""
+    return float(np.corrcoef(_average_ranks(a), _average_ranks(b))[0, 1])
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    first = np.cumsum(counts) - counts  # the 0-based rank where each distinct value's run starts
+    out: np.ndarray = (first + (counts - 1) / 2)[inverse]
+    return out
 
 
 def central_feature_maps(name: str, paths: list[Path]) -> np.ndarray | None:

@@ -73,3 +73,10 @@ def test_the_combination_is_fitted_on_one_half_and_scored_on_the_other() -> None
 def test_the_study_uses_the_views_of_classify_s_defaults() -> None:
     defaults = Settings()
     assert (CLASSIFY_POLICY.name, CLASSIFY_S) == (defaults.classify_policy, defaults.classify_samples)
+
+
+def test_tied_scores_share_their_average_rank() -> None:
+    from evaluation.label_free import _average_ranks, _rank_correlation
+
+    assert _average_ranks(np.array([3.0, 1.0, 3.0, 2.0])).tolist() == [2.5, 0.0, 2.5, 1.0]
+    assert _rank_correlation(np.array([0.1, 0.2, 0.2, 0.9]), np.array([1.0, 5.0, 5.0, 7.0])) == pytest.approx(1.0)
