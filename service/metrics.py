@@ -111,7 +111,7 @@ class Metrics:
     def count_refusal(self, status: int) -> None:
         """One refusal reply, counted by whoever sends it: the app's error handler, or a middleware or the HTTP
         protocol when they answer themselves. A request whose client left gets no reply: `client_gone` is
-        counted where its work is dropped."""
+        counted by the app where it notices (`count_client_gone`)."""
         reason = _REFUSAL_REASON.get(status)
         if reason is not None:
             self.rejected.labels(reason).inc()

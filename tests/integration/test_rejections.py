@@ -1,7 +1,8 @@
 """Every refusal is counted exactly once in `metta_rejected_total`, under the reason its status means.
 
-The counts are made where each refusal is decided (the door, the app, the engine); this checks them all
-from outside, one refused request at a time: the counter of its reason moves by one, every other by none.
+Whoever sends a refusal counts it (the app's error handler, or the door when it answers itself); this checks
+that from outside, one refused request at a time: the counter of its reason moves by one, every other by none.
+(Refusals by the HTTP protocol itself: `test_slow_clients.py`.)
 """
 
 from __future__ import annotations
