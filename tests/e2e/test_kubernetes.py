@@ -361,6 +361,22 @@ def test_selectors_and_ports_meet(overlay: str, rendered: dict[str, list[Doc]]) 
     assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
 
 
+# Target labels the Prometheus Operator gives every series a ServiceMonitor scrapes (its generated scrape config).
+OPERATOR_TARGET_LABELS = {"job", "instance", "namespace", "service", "pod", "container", "endpoint"}
+
+
+def test_the_service_monitor_keeps_the_services_own_labels(rendered: dict[str, list[Doc]]) -> None:
+    """A series label that collides with a target label is renamed exported_<label> unless honorLabels:
+    the rules and alerts select on the service's own names."""
+    from service.metrics import Metrics
+
+    own = {label for metric in vars(Metrics()).values() for label in getattr(metric, "_labelnames", ())}
+    clashing = own & OPERATOR_TARGET_LABELS
+    assert clashing == {"endpoint"}  # the request metrics' /v1/embeddings, /v1/classify
+    monitor = one(rendered[f"cpu+{'+'.join(COMPONENTS)}"], "ServiceMonitor")
+    assert all(endpoint.get("honorLabels") is True for endpoint in monitor["spec"]["endpoints"])
+
+
 def test_network_policy_opens_port_8000_to_clients_and_the_scrape_only(rendered: dict[str, list[Doc]]) -> None:
     policy = one(rendered["cpu"], "NetworkPolicy")
     deployment = one(rendered["cpu"], "Deployment")
