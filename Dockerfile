@@ -110,8 +110,8 @@ EXPOSE 8000
 # 75s, Kubernetes terminationGracePeriodSeconds: 90 with its 10 s preStop).
 STOPSIGNAL SIGTERM
 
-# Liveness, not readiness: /healthz answers while the model is still loading (/readyz is for load balancers).
-# Python's urllib, so the image needs no curl.
+# Liveness, not readiness (/readyz is for load balancers). The port opens once the model is loaded and warmed
+# up, hence the start period. Python's urllib, so the image needs no curl.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('METTA_PORT', '8000'), timeout=4)"]
 

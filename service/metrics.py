@@ -102,7 +102,8 @@ class Metrics:
             "metta_samples_shrunk", "samples='auto' requests given fewer views than their samples_max (load).",
             ["endpoint"], registry=r)
         self.crops = Counter("metta_crops", "Crops (views) run through the model.", registry=r)
-        self.ready = Gauge("metta_ready", "1 once the model is loaded and warmed up, 0 otherwise.", registry=r)
+        self.ready = Gauge("metta_ready", "1 while /readyz says ready (model loaded and warmed up, worker alive, "
+                           "not shutting down, decode workers not all stuck), else 0.", registry=r)
         self.model_info = Gauge("metta_model_info", "The loaded model (value is always 1).",
                                 ["model", "fingerprint", "dim", "device", "dtype", "mode"], registry=r)
         self._cuda_device: str | None = None

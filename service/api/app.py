@@ -83,6 +83,19 @@ class ServiceState:
         self.pixel_budget = Budget(settings.max_queue_pixels, "decoded pixels")
         self.jpeg_device: torch.device | None = None  # set when JPEGs are decoded on the model's GPU
 
+    def not_ready_because(self) -> str | None:
+        """Why this server should get no new requests now (None: it should). /readyz answers it, and
+        `metta_ready` reads it at every scrape."""
+        if self.draining:
+            return "the server is shutting down"
+        if not self.ready or self.engine is None:
+            return "the model is not loaded and warmed up yet"
+        if not self.engine.alive:
+            return "the inference worker has stopped"
+        if self.decode_pool.stalled():
+            return "every decode worker has been busy on one image for a while; retry elsewhere"
+        return None
+
 
 def load_model(settings: Settings) -> LoadedModel:
     return create_model(settings.model, settings.model_options())
@@ -114,14 +127,12 @@ def create_app(settings: Settings | None = None, *, model: LoadedModel | None = 
             state.engine = engine
             await _warm_up(state)
             state.ready = True
-            metrics.ready.set(1)
             log.info("ready: model=%s fingerprint=%s device=%s mode=%s", loaded.name, loaded.fingerprint,
                      loaded.device, loaded.mode)
             try:
                 yield
             finally:
                 state.ready = False
-                metrics.ready.set(0)
                 await engine.drain(settings.shutdown_grace_s)
         state.decode_pool.shutdown()
 
@@ -129,6 +140,7 @@ def create_app(settings: Settings | None = None, *, model: LoadedModel | None = 
     app = FastAPI(title="metta-serve", version="0.1.0", lifespan=lifespan, redirect_slashes=False,
                   description="Mean image embeddings over S test-time augmentations (MeTTA).")
     app.state.metta = state
+    metrics.ready.set_function(lambda: 0.0 if state.not_ready_because() else 1.0)
     _add_error_handlers(app, metrics)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, metrics=metrics,
                        body_budget=state.body_budget)
@@ -143,10 +155,8 @@ def create_app(settings: Settings | None = None, *, model: LoadedModel | None = 
 
     @app.get("/readyz", tags=["ops"], responses={503: {"model": ErrorResponse}})
     async def readyz() -> JSONResponse:
-        if state.draining or not (state.ready and state.engine is not None and state.engine.alive):
-            raise NotReady("the model is not loaded and warmed up (or the worker stopped)")
-        if state.decode_pool.stalled():
-            raise NotReady("every decode worker has been busy on one image for a while; retry elsewhere")
+        if (reason := state.not_ready_because()) is not None:
+            raise NotReady(reason)
         return JSONResponse({"status": "ready"})
 
     @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)

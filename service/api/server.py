@@ -37,7 +37,6 @@ class LameDuckServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
     def _exit_later(self, sig: int, frame: FrameType | None) -> None:
-        self._app.state.metta.metrics.ready.set(0)
         time.sleep(self._delay_s)
         super().handle_exit(sig, frame)
 

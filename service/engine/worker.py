@@ -251,7 +251,6 @@ class Engine:
         except BaseException as exc:  # an unrecoverable fault: this process can compute nothing more
             log.exception("inference worker died")
             self.dead = exc
-            self.metrics.ready.set(0)
             with self._cond:
                 self._stopping = True
                 self._cond.notify_all()

@@ -98,8 +98,14 @@ async def test_readyz_is_503_while_every_decode_worker_is_stuck(slow_decoder: di
         await asyncio.sleep(1.0)
         stuck = await client.get("/readyz")
         assert stuck.status_code == 503 and stuck.json()["error"]["type"] == "not_ready"
+        assert "\nmetta_ready 0.0\n" in (await client.get("/metrics")).text
         assert all(r.status_code == 200 for r in await asyncio.gather(*hostile))
         assert (await client.get("/readyz")).status_code == 200
+        assert "\nmetta_ready 1.0\n" in (await client.get("/metrics")).text
+        client.app.state.metta.draining = True  # type: ignore[attr-defined]  # SIGTERM seen (server.py)
+        draining = await client.get("/readyz")
+        assert draining.status_code == 503 and "shutting down" in draining.json()["error"]["message"]
+        assert "\nmetta_ready 0.0\n" in (await client.get("/metrics")).text
 
 
 async def test_header_limits_answer_431_in_json_and_are_counted() -> None:

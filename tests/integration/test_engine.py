@@ -224,7 +224,9 @@ async def test_worker_death_fails_every_waiting_request_at_once_and_health_says_
         replies = await asyncio.wait_for(asyncio.gather(*tasks), timeout=10)
         assert [r.status_code for r in replies] == [503, 503, 503]
         assert (await client.get("/healthz")).status_code == 503
-        assert (await client.get("/readyz")).status_code == 503
+        not_ready = await client.get("/readyz")
+        assert not_ready.status_code == 503 and "worker has stopped" in not_ready.json()["error"]["message"]
+        assert "\nmetta_ready 0.0\n" in (await client.get("/metrics")).text  # what MettaNotReady alerts on
         late = await client.post("/v1/embeddings", json=body(5))
         assert late.status_code == 503 and late.json()["error"]["type"] == "not_ready"
 
