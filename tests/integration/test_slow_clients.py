@@ -153,12 +153,13 @@ def test_a_trickled_body_is_cut_off(server: tuple[str, int]) -> None:
 @pytest.mark.parametrize(("sends", "status"), [
     pytest.param([b"transfer-encoding: chunked\r\n\r\n5\r\n{\"ima\r\n", 0.3, b"zz\r\nxx\r\n"], 400,
                  id="malformed-chunk"),
-    pytest.param([b"content-length: 100\r\n\r\n{\"ima", 0.5, b"g", 0.5, b"e", 0.6, b"s"], 408, id="trickled-body"),
+    # the body is not complete within body_timeout_s (1 s): the app's own 408, for comparison
+    pytest.param([b"content-length: 100\r\n\r\n{\"ima", 0.3, b"g", 0.3, b"e"], 408, id="trickled-body"),
 ])
 def test_a_request_the_protocol_cuts_short_is_counted_once(served: tuple[tuple[str, int], Metrics],
                                                            sends: list[bytes | float], status: int) -> None:
-    """The protocol refuses (and counts) a request whose body the app is reading; the app then sees its client
-    gone and must not count it again (it did: invalid and client_gone for one request)."""
+    """The protocol refuses (and counts) a request whose body the app is reading (a malformed chunk); the app
+    then sees its client gone and must not count it again (it did: invalid and client_gone for one request)."""
     address, metrics = served
 
     def counts() -> dict[str, float]:
@@ -167,11 +168,14 @@ def test_a_request_the_protocol_cuts_short_is_counted_once(served: tuple[tuple[s
     before = counts()
     with socket.create_connection(address) as sock:
         sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n")
-        for step in sends:
-            if isinstance(step, float):
-                time.sleep(step)
-            else:
-                sock.sendall(step)
+        try:
+            for step in sends:
+                if isinstance(step, float):
+                    time.sleep(step)
+                else:
+                    sock.sendall(step)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused and closed before the last bytes: its reply is still there to read
         raw = _reply(sock)
     assert raw.startswith(b"HTTP/1.1 %d" % status), raw[:80]
     time.sleep(1.0)  # the app's own handling of the cut-short request ends after the reply
