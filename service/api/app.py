@@ -31,7 +31,13 @@ from service.api.decoding import DecodePool, all_or_nothing
 from service.api.middleware import BodyLimitMiddleware, HeaderLimitMiddleware, error_response
 from service.api.openai_compat import SERVED_SINCE, request_limits
 from service.api.protocol import REFUSED
-from service.api.requests import ResolvedOptions, ViewRequest, read_embeddings_request, resolve_options
+from service.api.requests import (
+    ResolvedOptions,
+    ViewRequest,
+    image_field,
+    read_embeddings_request,
+    resolve_options,
+)
 from service.api.schemas import (
     ClassifyJSONRequest,
     ClassifyOptionsIn,
@@ -220,7 +226,7 @@ async def _embeddings(request: Request, state: ServiceState) -> Response:
                                input_size=model.spec.preprocess.input_size)
     assert resolved.views is not None
     jobs, results = await _run_views(request, state, parsed.images, resolved.embed, resolved.views, EMBEDDINGS,
-                                     image_field=parsed.image_field)
+                                     field=image_field(parsed.openai))
     samples = len(jobs[0].views)  # auto S: what the scheduler gave this request
     reply_type = OpenAIEmbeddingsResponse if parsed.openai else EmbeddingsResponse
     body = _reply(reply_type, model, resolved, results, samples)
@@ -229,11 +235,12 @@ async def _embeddings(request: Request, state: ServiceState) -> Response:
 
 
 async def _run_views(request: Request, state: ServiceState, images: list[bytes], options: EmbedOptions,
-                     views: ViewRequest, endpoint: str, *, image_field: str = "images"
+                     views: ViewRequest, endpoint: str, *, field: str = "images"
                      ) -> tuple[list[ImageJob], list[ImageResult]]:
     """Decode and plan every image, run them through the engine, and wait (dropping them if the client leaves).
 
     Shared by every endpoint that computes views, so they have the same limits, deadlines and metrics.
+    `field`: the request field the images came in, which errors about one image name.
     """
     metrics = state.metrics
     assert state.engine is not None
@@ -245,7 +252,7 @@ async def _run_views(request: Request, state: ServiceState, images: list[bytes],
         # One deadline for the whole request: what decoding used is not given again to the queue and forward.
         loop = asyncio.get_running_loop()
         deadline = loop.time() + views.timeout_s
-        decoding = _decode_all(state, images, options, pixels, auto, deadline, image_field)
+        decoding = _decode_all(state, images, options, pixels, auto, deadline, field)
         jobs = await _decoded_in_time(request, state, decoding, views.timeout_s)
         left_s = deadline - loop.time()
         if left_s <= 0:
@@ -270,7 +277,7 @@ async def _run_views(request: Request, state: ServiceState, images: list[bytes],
 
 
 async def _decode_all(state: ServiceState, images: list[bytes], options: EmbedOptions, pixels: Reservation,
-                      auto: SamplesRange | None, deadline: float, image_field: str) -> list[ImageJob]:
+                      auto: SamplesRange | None, deadline: float, field: str) -> list[ImageJob]:
     """Every image's header size reserved at once against the pixel budget (429 when full: a request holds
     all of its room or none, so requests cannot starve each other halfway), then each image decoded and
     planned, shrinking the hold to the working copy it keeps.
@@ -284,13 +291,13 @@ async def _decode_all(state: ServiceState, images: list[bytes], options: EmbedOp
 
     def header_pixels(data: bytes, index: int) -> int:
         width, height = image_size(data, max_pixels=settings.max_image_pixels, max_side=settings.max_image_side,
-                                   label=f"{image_field}[{index}]")
+                                   label=f"{field}[{index}]")
         return width * height
 
     def decode(data: bytes, index: int) -> torch.Tensor:
         started = time.perf_counter()
         image = decode_image(data, max_pixels=settings.max_image_pixels, max_side=settings.max_image_side,
-                             label=f"{image_field}[{index}]", jpeg_device=state.jpeg_device,
+                             label=f"{field}[{index}]", jpeg_device=state.jpeg_device,
                              icc_to_srgb=settings.icc_to_srgb)
         state.metrics.decode_duration.observe(time.perf_counter() - started)
         return image

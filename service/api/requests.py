@@ -56,10 +56,6 @@ class ParsedRequest(Generic[OptionsT]):
     options: OptionsT
     openai: bool = False  # OpenAI's request shape: the reply takes OpenAI's shape too
 
-    @property
-    def image_field(self) -> str:
-        return image_field(self.openai)
-
 
 def image_field(openai: bool) -> str:
     """The field a client sends its images in (OpenAI's shape: `input`): errors about one image name it."""
