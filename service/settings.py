@@ -76,6 +76,9 @@ class Settings(BaseSettings):
         None, ge=1, description="crops one request may put in a batch per turn, for fairness (default: per device)")
     max_wait_ms: float = Field(0.0, ge=0, description="wait for more work only while others are queued")
     max_queue_crops: int = Field(2048, ge=1)
+    auto_wait_batches: float = Field(
+        8.0, gt=0, description="samples='auto': the wait target in full batches at the measured pace, shared by the "
+        "requests queued: with n queued (or refused lately), a new one gets S <= target crops / (n + 1)")
     max_request_crops: int = Field(1024, ge=1)
 
     # Request limits
@@ -150,7 +153,7 @@ class Settings(BaseSettings):
         default_batch, default_chunk = BATCHING_DEFAULTS.get(device_type, BATCHING_DEFAULTS["cpu"])
         max_batch = self.max_batch_crops or default_batch
         chunk = self.chunk_crops or min(default_chunk, max_batch)
-        return BatchingConfig(max_batch, chunk, self.max_wait_ms, self.max_queue_crops)
+        return BatchingConfig(max_batch, chunk, self.max_wait_ms, self.max_queue_crops, self.auto_wait_batches)
 
     def model_options(self) -> ModelOptions:
         """What `models.create_model` needs from these settings."""

@@ -29,12 +29,23 @@ class BatchingConfig:
     chunk_crops: int
     max_wait_ms: float
     max_queue_crops: int
+    # samples="auto": the wait target, in full batches at the measured pace, shared by the requests queued
+    # (Scheduler.auto_samples). The default 8 is chosen by measurement (docs/benchmarks.md, "Auto S without
+    # deadlines"): 32 clients then get S=8 each, the smallest S whose mean keeps cosine >= 0.99 to the S=32 mean.
+    auto_wait_batches: float = 8.0
 
     def __post_init__(self) -> None:
         if self.max_batch_crops < 1 or self.chunk_crops < 1 or self.max_queue_crops < 1:
             raise ValueError("max_batch_crops, chunk_crops and max_queue_crops must be at least 1")
         if self.max_wait_ms < 0:
             raise ValueError("max_wait_ms must not be negative")
+        if self.auto_wait_batches <= 0:
+            raise ValueError("auto_wait_batches must be positive")
+
+    @property
+    def auto_wait_crops(self) -> float:
+        """The auto-S wait target in crops: at any pace, the crops that many full batches hold."""
+        return self.auto_wait_batches * self.max_batch_crops
 
 
 @dataclass(frozen=True)
@@ -120,6 +131,7 @@ class Scheduler:
         self._ids = itertools.count(1)
         self._queue: collections.deque[Ticket] = collections.deque()  # with crops to hand out, in turn order
         self._running: dict[int, Ticket] = {}  # admitted, not yet settled or abandoned
+        self._refused_until: list[float] = []  # each request refused lately: when its Retry-After ends
 
     # ---- figures ---------------------------------------------------------------------------------
     @property
@@ -158,14 +170,20 @@ class Scheduler:
 
     # ---- admission -------------------------------------------------------------------------------
     def auto_samples(self, images: int, samples_range: SamplesRange, timeout_s: float | None = None) -> int:
-        """An auto-S request's S: the largest in the range whose crops fit the queue's room and, at the measured
-        pace, `AUTO_DEADLINE_SHARE` of its deadline; else the smallest, if it fits `AUTO_FLOOR_DEADLINE_SHARE`;
-        else raises Overloaded.
+        """An auto-S request's S: the largest in the range that fits its share of the wait target, the queue's
+        room and, at the measured pace, `AUTO_DEADLINE_SHARE` of its deadline; else the smallest, if it fits the
+        room and `AUTO_FLOOR_DEADLINE_SHARE`; else raises Overloaded. Changes nothing but the count of refusals;
+        `admit` queues the request at that S.
 
-        Only a share: the pace is a moving average of a noisy figure, so an S that just fits the whole deadline
-        often misses it (504). Changes nothing; `admit` queues the request at that S."""
+        The share: with n requests queued (and refused lately: their clients come back after their Retry-After),
+        S ≤ the target's crops / (n + 1), so that were every one of them run at this S, the queue would be done
+        within the target. As the queue grows new auto requests get smaller S, and every client gets the same S,
+        where judging by the crops queued alone lets whoever arrives at a momentarily emptier queue take all its
+        room and keep it (the others refused, unseen). The deadline gets only a share: the pace is a moving
+        average of a noisy figure, so an S that just fits the whole deadline often misses it (504)."""
         budget_s = None if timeout_s is None else timeout_s * AUTO_DEADLINE_SHARE
-        for samples in range(samples_range.high, samples_range.low, -1):
+        share = self.config.auto_wait_crops / (self.pending_requests + self._refused_lately() + 1)
+        for samples in range(min(samples_range.high, math.floor(share)), samples_range.low, -1):
             if self.refusal(samples * images, budget_s) is None:
                 return samples
         # The floor gets a narrower margin: refusing it leaves the model idle while refused clients wait out a
@@ -175,7 +193,7 @@ class Scheduler:
         floor_s = None if timeout_s is None else timeout_s * AUTO_FLOOR_DEADLINE_SHARE
         refusal = self.refusal(samples_range.low * images, floor_s)
         if refusal is not None:
-            raise refusal
+            raise self._refused(refusal)
         return samples_range.low
 
     def admit(self, jobs: Sequence[ImageJob], *, timeout_s: float | None = None,
@@ -192,7 +210,7 @@ class Scheduler:
         may_wait_s = timeout_s * AUTO_FLOOR_DEADLINE_SHARE if auto and timeout_s is not None else timeout_s
         refusal = self.refusal(crops, may_wait_s)
         if refusal is not None:
-            raise refusal
+            raise self._refused(refusal)
         now = self.clock()
         deadline = None if timeout_s is None else now + timeout_s
         ticket = Ticket(next(self._ids), jobs, now, deadline, max(crops, requested_crops or 0))
@@ -214,6 +232,23 @@ class Scheduler:
                                   f"{expected_s:.2g} s, past its deadline (it may wait {timeout_s:.2g} s); retry later",
                                   headers=retry)
         return None
+
+    def check(self, crops: int, timeout_s: float | None) -> None:
+        """Raise what `refusal` says for a request of `crops` (before its images are decoded), counted as
+        a refusal for the auto-S share."""
+        refusal = self.refusal(crops, timeout_s)
+        if refusal is not None:
+            raise self._refused(refusal)
+
+    def _refused(self, refusal: Overloaded) -> Overloaded:
+        """Remember a refusal until its Retry-After ends: the demand it stands for is coming back."""
+        self._refused_until.append(self.clock() + float(refusal.headers["Retry-After"]))
+        return refusal
+
+    def _refused_lately(self) -> int:
+        now = self.clock()
+        self._refused_until = [until for until in self._refused_until if until > now]
+        return len(self._refused_until)
 
     def _crops_until_done(self, crops: int) -> int:
         """Crops computed before a new request of `crops` would finish: round-robin gives it a chunk per

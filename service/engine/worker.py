@@ -205,8 +205,8 @@ class Engine:
                 raise NotReady("the service is shutting down")
             if samples_range is not None:
                 self.scheduler.auto_samples(images, samples_range, timeout_s)
-            elif (refusal := self.scheduler.refusal(images * samples, timeout_s)) is not None:
-                raise refusal
+            else:
+                self.scheduler.check(images * samples, timeout_s)
 
     def auto_samples(self, images: int, samples_range: SamplesRange, timeout_s: float) -> int:
         """The S an auto-S request gets, given now (its images decoded, not yet planned) from the queue as it is."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import statistics
+
 import numpy as np
 import pytest
 import torch
@@ -203,3 +206,115 @@ def test_auto_samples_judge_the_smallest_s_with_a_narrower_margin(model) -> None
     assert s.auto_samples(1, SamplesRange(4, 32), timeout_s=0.2) == 4
     with pytest.raises(Overloaded, match=r"would take about 0\.12 s, past its deadline \(it may wait 0\.11 s\)"):
         s.auto_samples(1, SamplesRange(4, 32), timeout_s=0.19)  # 0.12 s > 0.6 × 0.19 s
+
+
+def test_auto_samples_shrink_as_the_queue_grows_without_a_deadline(model) -> None:  # type: ignore[no-untyped-def]
+    """No deadline at all: the wait target (8 batches of 8 = 64 crops here) is shared by the requests queued,
+    so each new auto request gets a smaller S, down to samples_min, refused only when that does not fit."""
+    s = scheduler(max_queue_crops=256)
+    wide = SamplesRange(4, 32)
+    given = []
+    for _ in range(40):
+        try:
+            samples = s.auto_samples(1, wide)
+        except Overloaded:
+            break
+        s.admit(jobs(model, samples), requested_crops=32)
+        given.append(samples)
+    assert given[:8] == [32, 32, 21, 16, 12, 10, 9, 8]  # 64 / (n + 1) with n queued
+    assert given[-1] == 4 and given == sorted(given, reverse=True)
+    assert s.queued_crops == 255  # refused only once not even 4 crops fit the queue's room
+    assert s.requested_crops == 32 * len(given)  # the queue's figures keep counting what was asked for
+    s.admit(jobs(model, 1))  # a fixed-S request is judged by the room alone, as before
+
+
+def test_requests_refused_lately_count_in_the_share_until_their_retry_after(model) -> None:  # type: ignore[no-untyped-def]
+    """A refused client comes back after its Retry-After: until then it still counts as demand, so the next
+    arrival does not take the whole room that frees up."""
+    clock = Clock()
+    s = scheduler(clock, max_queue_crops=64)
+    s.seconds_per_crop = 0.01  # Retry-After: 1 s
+    s.admit(jobs(model, 32))
+    s.admit(jobs(model, 32))
+    with pytest.raises(Overloaded):
+        s.auto_samples(1, SamplesRange(4, 32))  # the queue is full
+    with pytest.raises(Overloaded):
+        s.check(4, None)
+    while (batch := s.next_batch()) is not None:
+        complete(s, batch)
+    assert s.auto_samples(1, SamplesRange(4, 32)) == 21  # 64 / (2 refused + 1), on an empty queue
+    clock.now += 1.0
+    assert s.auto_samples(1, SamplesRange(4, 32)) == 32  # their Retry-After has passed
+
+
+def test_fixed_s_requests_are_not_shrunk_by_the_auto_share(model) -> None:  # type: ignore[no-untyped-def]
+    s = scheduler(max_queue_crops=256)
+    for _ in range(7):
+        s.admit(jobs(model, 32))
+    assert s.auto_samples(1, SamplesRange(4, 32)) == 8  # 64 / 8
+    s.check(32, None)
+    assert len(s.admit(jobs(model, 32)).jobs[0].views) == 32
+
+
+def closed_loop(model, clients: int, seconds: float, *, pace_s: float | None = None,  # type: ignore[no-untyped-def]
+                fixed: int | None = None, crops_per_s: float = 100.0, warmup_s: float = 5.0) -> tuple[list[int], int]:
+    """Clients in a closed loop through the scheduler on a simulated clock: each sends one image (decoded in
+    20 ms), waits for its reply, and sends the next at once (or `pace_s` after the last), after a refusal
+    only once its Retry-After is over; the model computes `crops_per_s`. Returns the S of every reply and
+    the number of refusals, both counted after `warmup_s` (at the start every client arrives at once, before
+    the scheduler has seen how many there are)."""
+    import heapq
+
+    clock = Clock()
+    s = Scheduler(BatchingConfig(32, 16, 0.0, 256), clock)  # the CPU's batching, a 256-crop queue
+    events: list[tuple[float, int, str, object]] = []
+    order = itertools.count()
+    owner: dict[int, tuple[int, float]] = {}
+    served: list[int] = []
+    refused = 0
+    busy = False
+
+    def at(when: float, kind: str, what: object) -> None:
+        heapq.heappush(events, (when, next(order), kind, what))
+
+    for client in range(clients):
+        at(clock.now + client * (pace_s / clients if pace_s else 0.001), "send", client)
+    start = clock.now
+    end = start + seconds
+    while events and events[0][0] < end:
+        clock.now, _, kind, what = heapq.heappop(events)
+        if kind == "send":
+            at(clock.now + 0.02, "decoded", (what, clock.now))
+        elif kind == "decoded":
+            client, sent = what  # type: ignore[misc]
+            try:
+                samples = fixed or s.auto_samples(1, SamplesRange(4, 32), 60.0)
+                ticket = s.admit(jobs(model, samples), timeout_s=60.0, requested_crops=None if fixed else 32)
+                owner[ticket.id] = (client, sent)
+            except Overloaded as refusal:
+                refused += clock.now >= start + warmup_s
+                at(clock.now + float(refusal.headers["Retry-After"]), "send", client)
+        else:
+            busy = False
+            for ticket in complete(s, what, seconds=what.crops / crops_per_s):  # type: ignore[attr-defined]
+                client, sent = owner.pop(ticket.id)
+                if clock.now >= start + warmup_s:
+                    served.append(len(ticket.jobs[0].views))
+                at(max(clock.now + 0.01, sent + (pace_s or 0.0)), "send", client)
+        if not busy and (batch := s.next_batch()) is not None:
+            busy = True
+            at(clock.now + batch.crops / crops_per_s, "batch", batch)
+    return served, refused
+
+
+def test_auto_s_in_a_closed_loop_past_capacity_serves_more_at_a_fair_s(model) -> None:  # type: ignore[no-untyped-def]
+    """32 clients without deadlines against a 256-crop queue: fixed S=32 leaves most of them refused; auto
+    [4, 32] serves every client at about S=8, few refused. At half capacity (8 clients pacing themselves)
+    every auto request runs at S=32."""
+    fixed, fixed_refused = closed_loop(model, 32, 30.0, fixed=32)
+    auto, auto_refused = closed_loop(model, 32, 30.0)
+    assert len(auto) >= 2 * len(fixed)
+    assert auto_refused < 0.1 * (len(auto) + auto_refused) < fixed_refused
+    assert statistics.median(auto) >= 8
+    half, half_refused = closed_loop(model, 8, 30.0, pace_s=8 * 32 / 100 / 0.5)
+    assert half_refused == 0 and set(half) == {32}
