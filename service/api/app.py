@@ -11,7 +11,7 @@ import hmac
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from typing import Any, TypeVar
@@ -245,14 +245,14 @@ async def _run_views(request: Request, state: ServiceState, images: list[bytes],
     metrics = state.metrics
     assert state.engine is not None
     auto = None if views.auto is None else SamplesRange(*views.auto)
-    state.engine.check_room(len(images), options.samples, views.timeout_s, auto)  # 429 before any decoding
+    samples = state.engine.check_room(len(images), options.samples, views.timeout_s, auto)  # 429 before decoding
     pixels = _pixel_reservation(state)  # the request's decoded pixels, held until it settles
     metrics.inflight_requests.inc()
     try:
         # One deadline for the whole request: what decoding used is not given again to the queue and forward.
         loop = asyncio.get_running_loop()
         deadline = loop.time() + views.timeout_s
-        decoding = _decode_all(state, images, options, pixels, auto, deadline, field)
+        decoding = _decode_all(state, images, dataclasses.replace(options, samples=samples), pixels, field)
         jobs = await _decoded_in_time(request, state, decoding, views.timeout_s)
         left_s = deadline - loop.time()
         if left_s <= 0:
@@ -277,51 +277,44 @@ async def _run_views(request: Request, state: ServiceState, images: list[bytes],
 
 
 async def _decode_all(state: ServiceState, images: list[bytes], options: EmbedOptions, pixels: Reservation,
-                      auto: SamplesRange | None, deadline: float, field: str) -> list[ImageJob]:
-    """Every image's header size reserved at once against the pixel budget (429 when full: a request holds
-    all of its room or none, so requests cannot starve each other halfway), then each image decoded and
-    planned, shrinking the hold to the working copy it keeps.
+                      field: str) -> list[ImageJob]:
+    """Each image decoded and planned in the decode pool, reserving its header's size against the pixel budget
+    just before it decodes (429 when full) and shrinking the hold to the working copy it keeps once planned.
 
-    Auto S: the images are decoded first, then the scheduler gives the S from the queue as it is now (with
-    what is left of the deadline), then each image is planned at it, in the pool too.
+    A request holds at most its decode share of headers at once plus its working copies: one request of many
+    large images cannot take the whole budget from everyone else while it decodes (reserving every header at
+    once, 64 × 40 MP held 2.4 G pixels of a 256 M budget for the 20 s of its decode).
     """
     settings, model = state.settings, state.model
-    assert model is not None and state.engine is not None
-    share = state.decode_pool.request_share()
+    assert model is not None
+    pool = state.decode_pool
+    share = pool.request_share()
+    # The request's decode slots, held from the header check to the working copy, so that no more than the
+    # pool's share of its headers is reserved at a time (the pool's own share is released between the two trips).
+    slots = asyncio.Semaphore(pool.share)
 
     def header_pixels(data: bytes, index: int) -> int:
         width, height = image_size(data, max_pixels=settings.max_image_pixels, max_side=settings.max_image_side,
                                    label=f"{field}[{index}]")
         return width * height
 
-    def decode(data: bytes, index: int) -> torch.Tensor:
+    def decode_and_plan(data: bytes, index: int) -> ImageJob:
         started = time.perf_counter()
         image = decode_image(data, max_pixels=settings.max_image_pixels, max_side=settings.max_image_side,
                              label=f"{field}[{index}]", jpeg_device=state.jpeg_device,
                              icc_to_srgb=settings.icc_to_srgb)
         state.metrics.decode_duration.observe(time.perf_counter() - started)
-        return image
+        return ImageJob(image, options, model)
 
-    async def in_pool(plan: Callable[[], ImageJob], upper: int) -> ImageJob:
-        job = await state.decode_pool.run(share, plan)
-        pixels.shrink(max(0, upper - job.pixels))  # the header's size was the upper bound; the working copy is less
-        return job
+    async def one(data: bytes, index: int) -> ImageJob:
+        async with slots:
+            upper = await pool.run(share, functools.partial(header_pixels, data, index))
+            pixels.grow(upper)
+            job = await pool.run(share, functools.partial(decode_and_plan, data, index))
+            pixels.shrink(max(0, upper - job.pixels))  # the header's size was the upper bound; the copy is less
+            return job
 
-    uppers = await all_or_nothing([state.decode_pool.run(share, functools.partial(header_pixels, data, i))
-                                   for i, data in enumerate(images)])
-    pixels.grow(sum(uppers))
-    if auto is None:  # decoded and planned in one trip to the pool
-        def decode_and_plan(data: bytes, index: int) -> ImageJob:
-            return ImageJob(decode(data, index), options, model)
-
-        return await all_or_nothing([in_pool(functools.partial(decode_and_plan, data, i), upper)
-                                     for i, (data, upper) in enumerate(zip(images, uppers, strict=True))])
-    decoded = await all_or_nothing([state.decode_pool.run(share, functools.partial(decode, data, i))
-                                    for i, data in enumerate(images)])
-    samples = state.engine.auto_samples(len(images), auto, deadline - asyncio.get_running_loop().time())
-    given = dataclasses.replace(options, samples=samples)
-    return await all_or_nothing([in_pool(functools.partial(ImageJob, image, given, model), upper)
-                                 for image, upper in zip(decoded, uppers, strict=True)])
+    return await all_or_nothing([one(data, i) for i, data in enumerate(images)])
 
 
 def _pixel_reservation(state: ServiceState) -> Reservation:

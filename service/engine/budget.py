@@ -1,12 +1,13 @@
 """Admission budgets counted in units other than crops: request-body bytes in flight, decoded pixels held.
 
-The pixel budget is reserved from each image's header (an upper bound, before decoding) and shrunk to its
-working copy once decoded (`Reservation.shrink`); both are released when the request settles.
+The pixel budget is reserved image by image as each starts decoding, from its header (an upper bound), and
+shrunk to its working copy once decoded (`Reservation.shrink`): a request holds its working copies and at
+most its decode share of headers, never all of its images' at once. All is released when the request settles.
 
 A budget is a counter with a bound; `reserve` either takes the whole amount or refuses with 429
 (`Overloaded`, with `Retry-After`), never blocks. One amount larger than the whole bound is still
-admitted when nothing else is held, so a single legal request can always run on an idle server (the
-per-request limits bound it). Everything runs on the event loop; no locks.
+admitted when nothing else is held, so a single legal image can always run on an idle server (the
+per-image limits bound it). Everything runs on the event loop; no locks.
 """
 
 from __future__ import annotations

@@ -196,23 +196,19 @@ class Engine:
         return ticket
 
     def check_room(self, images: int, samples: int, timeout_s: float | None = None,
-                   samples_range: SamplesRange | None = None) -> None:
+                   samples_range: SamplesRange | None = None) -> int:
         """Raise now what `admit` would raise for this request's shape (Overloaded, NotReady), before its images
-        are decoded: under overload a refusal then costs no decoding. `admit` still checks again."""
+        are decoded: under overload a refusal then costs no decoding. Returns the S its images are planned at:
+        `samples`, or for an auto-S request the S the scheduler gives it from the queue as it is now (so each
+        image is planned as it decodes, and no decoded image waits for its S). `admit` still checks again."""
         with self._cond:
             self._check_alive()
             if self.scheduler.closed:
                 raise NotReady("the service is shutting down")
             if samples_range is not None:
-                self.scheduler.auto_samples(images, samples_range, timeout_s)
-            else:
-                self.scheduler.check(images * samples, timeout_s)
-
-    def auto_samples(self, images: int, samples_range: SamplesRange, timeout_s: float) -> int:
-        """The S an auto-S request gets, given now (its images decoded, not yet planned) from the queue as it is."""
-        with self._cond:
-            self._check_alive()
-            return self.scheduler.auto_samples(images, samples_range, timeout_s)
+                return self.scheduler.auto_samples(images, samples_range, timeout_s)
+            self.scheduler.check(images * samples, timeout_s)
+            return samples
 
     def _check_alive(self) -> None:
         if self.dead is not None:

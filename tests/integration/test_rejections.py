@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
 import pytest
+from PIL import Image
 
 from service.metrics import REJECT_REASONS
 from tests.integration.conftest import ControlledModel, png_bytes, serve
@@ -128,3 +130,32 @@ async def test_the_pixel_and_body_budgets_refusals_are_counted_once() -> None:
             await refused_once(client, send, 429, "overloaded")
             spy.gate.set()
             assert (await held).status_code == 200
+
+
+def flat_jpeg(width: int, height: int) -> str:
+    """A flat picture: a few KB of JPEG, width × height pixels once decoded."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (120, 90, 60)).save(buffer, "JPEG", quality=75)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.mark.parametrize("samples", [4, "auto"])
+async def test_one_request_larger_than_the_pixel_budget_does_not_starve_the_others(samples: int | str) -> None:
+    """64 flat 2 MP images (128 MP) against a 6 MP budget: served, but its images reserve as they decode (at most
+    the decode pool's share of them at once), so the small requests sent meanwhile are served too. Reserving
+    every header at once, it held 128 MP for its whole decode and every other request was refused."""
+    big = {"images": [flat_jpeg(1600, 1250)] * 64, "samples": samples, "samples_min": 2, "samples_max": 4}
+    if samples != "auto":
+        del big["samples_min"], big["samples_max"]
+    async with serve(max_queue_pixels=6_000_000) as client:
+        budget = client.app.state.metta.pixel_budget  # type: ignore[attr-defined]
+        hog = asyncio.create_task(client.post("/v1/embeddings", json=big))
+        while budget.held == 0 and not hog.done():
+            await asyncio.sleep(0.001)
+        during: list[int] = []
+        while not hog.done():
+            reply = await client.post("/v1/embeddings", json={"images": [GOOD], "samples": 2})
+            during.append(reply.status_code)
+            assert budget.held <= 6_000_000
+        assert (await hog).status_code == 200  # and the big one, alone at first, is served
+    assert len(during) >= 3 and during.count(200) == len(during), during
