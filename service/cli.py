@@ -5,12 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 import types
 import typing
 from pathlib import Path
 
-import numpy as np
 from pydantic import ValidationError
 
 from service.core.options import POLICY_NAMES
@@ -82,50 +80,13 @@ def main(argv: list[str] | None = None) -> None:
     embed_cmd.add_argument("--mode", default=None, help="execution engine: auto|eager|torchscript|openvino")
     embed_cmd.add_argument("--device", default=None)
     from evaluation.cli import add_eval_command, eval_command
-    from service.bulk.command import add_bulk_arguments, bulk_command, writes_dataset
+    from service.bulk.command import add_bulk_arguments, embed_command
 
     add_bulk_arguments(embed_cmd)
 
     add_eval_command(commands)
     args = parser.parse_args(argv)
     if args.command == "embed":
-        if writes_dataset(args):
-            sys.exit(bulk_command(args))
-        _embed_command(args)
+        sys.exit(embed_command(args))  # exit codes: service/bulk/command.py
     elif args.command == "eval":
         eval_command(args)
-
-
-def _embed_command(args: argparse.Namespace) -> None:
-    from models import create_model
-    from service.core.decode import decode_image
-    from service.core.embedding import embed
-    from service.core.errors import ServiceError
-    from service.core.options import PolicyError, samples_for
-
-    overrides = {k: getattr(args, k) for k in ("model", "mode", "device") if getattr(args, k) is not None}
-    settings = Settings(**overrides)
-    policy = args.policy or settings.default_policy
-    try:
-        samples = samples_for(policy, args.samples, settings.default_samples)
-        images = [decode_image(path.read_bytes(), max_pixels=settings.max_image_pixels,
-                               max_side=settings.max_image_side, label=str(path)) for path in args.images]
-        model = create_model(settings.model, settings.model_options())
-        started = time.perf_counter()
-        result = embed(model, images, samples=samples, policy=policy, seed=args.seed,
-                       return_variance=args.variance, normalize=args.normalize,
-                       max_batch_crops=settings.batching(model.device.type).max_batch_crops)
-    except (ServiceError, PolicyError, OSError) as exc:
-        sys.exit(f"metta embed: {exc}")
-    elapsed = time.perf_counter() - started
-    print(f"model {model.name} ({model.fingerprint}, {model.mode} on {model.device}); policy {policy}, "
-          f"S={samples}, seed {args.seed}: {len(images)} images, {len(images) * samples} crops in {elapsed:.2f} s")
-    for path, vector in zip(args.images, result.embeddings, strict=True):
-        print(f"  {path}: dim {vector.shape[0]}, |mean| {np.linalg.norm(vector):.4f}")
-    if args.out is not None:
-        np.save(args.out, result.embeddings)
-        print(f"means → {args.out}")
-        if result.variances is not None:
-            variance_path = args.out.with_name(args.out.stem + ".variance.npy")
-            np.save(variance_path, result.variances)
-            print(f"variances → {variance_path}")

@@ -30,6 +30,7 @@ Samples = int | Literal["auto"] | None  # S; "auto": the server gives each reque
 MAX_SEED = 2**53 - 1
 AUTO_SAMPLES_MAX = 32  # the server's samples_max when an auto request gives none (tests keep them equal)
 _RETRIED_STATUS = (429, 503, 504)
+CONNECT_TIMEOUT_S = 5.0  # a server that does not accept the connection within this is not there
 _PART_OVERHEAD = 512  # multipart headers per image, generously
 _FORM_OVERHEAD = 8_192  # the option fields and boundaries of one request
 
@@ -221,10 +222,12 @@ class Client:
     """Blocking client. `retries`: how many times one request is retried on 429/503/504 or a lost connection."""
 
     def __init__(self, url: str, api_key: str | None = None, *, timeout: float = 300.0, retries: int = 8,
-                 images_per_request: int | None = None, transport: httpx.BaseTransport | None = None) -> None:
-        self._http = httpx.Client(base_url=url.rstrip("/"), headers=_headers(api_key), timeout=timeout,
-                                  transport=transport)
+                 images_per_request: int | None = None, connect_timeout: float = CONNECT_TIMEOUT_S,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        self._http = httpx.Client(base_url=url.rstrip("/"), headers=_headers(api_key),
+                                  timeout=httpx.Timeout(timeout, connect=connect_timeout), transport=transport)
         self.retries = retries
+        self.retried = 0  # attempts retried so far (429, 503, 504, a lost connection)
         self.images_per_request = images_per_request
         self._limits: Limits | None = None
 
@@ -236,6 +239,13 @@ class Client:
 
     def close(self) -> None:
         self._http.close()
+
+    def ready(self) -> None:
+        """One GET /readyz, not retried: MettaError when the server is not ready, httpx.TransportError when
+        nothing answers (within `connect_timeout`)."""
+        response = self._http.get("/readyz")
+        if response.status_code != 200:
+            raise _error(response)
 
     def models(self) -> dict[str, Any]:
         reply: dict[str, Any] = self._send("GET", "/v1/models").json()
@@ -270,7 +280,9 @@ class Client:
                 response = None
             if response is not None and response.status_code < 400:
                 return response
-            time.sleep(_delay_or_raise(response, attempt, self.retries))
+            delay = _delay_or_raise(response, attempt, self.retries)
+            self.retried += 1
+            time.sleep(delay)
         raise AssertionError("unreachable")
 
 
@@ -279,11 +291,13 @@ class AsyncClient:
 
     def __init__(self, url: str, api_key: str | None = None, *, timeout: float = 300.0, retries: int = 8,
                  images_per_request: int | None = None, concurrency: int = 4,
+                 connect_timeout: float = CONNECT_TIMEOUT_S,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
-        self._http = httpx.AsyncClient(base_url=url.rstrip("/"), headers=_headers(api_key), timeout=timeout,
-                                       transport=transport,
+        self._http = httpx.AsyncClient(base_url=url.rstrip("/"), headers=_headers(api_key),
+                                       timeout=httpx.Timeout(timeout, connect=connect_timeout), transport=transport,
                                        limits=httpx.Limits(max_connections=max(concurrency, 1) + 2))
         self.retries = retries
+        self.retried = 0  # attempts retried so far (429, 503, 504, a lost connection)
         self.images_per_request = images_per_request
         self._slots = asyncio.Semaphore(concurrency)
         self._limits: Limits | None = None
@@ -296,6 +310,12 @@ class AsyncClient:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+    async def ready(self) -> None:
+        """One GET /readyz, not retried (see `Client.ready`)."""
+        response = await self._http.get("/readyz")
+        if response.status_code != 200:
+            raise _error(response)
 
     async def models(self) -> dict[str, Any]:
         reply: dict[str, Any] = (await self._send("GET", "/v1/models")).json()
@@ -333,5 +353,7 @@ class AsyncClient:
                 response = None
             if response is not None and response.status_code < 400:
                 return response
-            await asyncio.sleep(_delay_or_raise(response, attempt, self.retries))
+            delay = _delay_or_raise(response, attempt, self.retries)
+            self.retried += 1
+            await asyncio.sleep(delay)
         raise AssertionError("unreachable")

@@ -38,7 +38,7 @@ from service.core.errors import (
     UnsupportedMediaType,
 )
 from service.core.options import MAX_SEED, PolicyError, auto_samples_range, samples_for
-from service.core.policies import MultiscalePolicy, make_policy
+from service.core.policies import check_samples, make_policy
 from service.settings import Settings
 
 _DATA_URL = re.compile(r"data:image/[a-zA-Z0-9.+-]+;base64,", re.ASCII)
@@ -232,10 +232,7 @@ def resolve_views(options: ViewOptionsIn, settings: Settings, model_name: str, n
             if {"samples_min", "samples_max"} & options.model_fields_set:
                 raise InvalidOption("samples_min, samples_max: only with samples='auto'")
             samples = samples_for(policy_name, options.samples, default_samples)
-        if samples > settings.max_samples:  # before the policy's own limit, which may be above this server's
-            raise InvalidOption(f"samples: at most {settings.max_samples}, got {samples}")
-        if policy_name == "multiscale" and input_size is not None:
-            MultiscalePolicy().sizes(samples, input_size)  # raises when the sizes cannot make that many views
+        check_samples(policy_name, samples, max_samples=settings.max_samples, input_size=input_size)
     except PolicyError as exc:
         raise InvalidOption(f"samples: {exc}") from None
     least = auto[0] if auto is not None else samples

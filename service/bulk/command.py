@@ -1,8 +1,17 @@
-"""`metta embed ... --out OUT.parquet`: options → model (or server) → dataset; the summary line and the exit code.
+"""`metta embed PATH... [--out OUT.npy | OUT.parquet]`: options → model (or server) → output; the summary line
+and the exit code.
 
-Exit codes: 0 the run completed (also when everything was already there, or bad files were skipped);
-1 files were found but none could be embedded, or the server kept failing; 2 usage errors and
-settings that do not match the existing dataset; 130 Ctrl-C (finished parts kept).
+Options are checked against the model and the limits the server applies (the `max_samples` setting, the
+policy's distinct views at the model's input size: `core.policies.check_samples`) before any file is
+read, so a bad option is one message and exit 2, never a bad mark on every image.
+
+Exit codes, the same for every output (.npy and .parquet):
+  0    the run completed (also when everything was already there, or bad files were skipped)
+  1    nothing could be embedded (every file bad; with .npy, any bad file), the server could not be reached
+       or kept failing, or the output could not be written (a full disk); the rows written are kept
+  2    usage: bad options or flags, no input found, settings that do not match the existing dataset, or
+       another run writing the same --out; nothing was read or written
+  130  Ctrl-C (finished parts kept)
 """
 
 from __future__ import annotations
@@ -10,19 +19,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from service.bulk.dataset import PART_ROWS, Dataset, ErrorLog, RunSettings, errors_path
-from service.bulk.files import UsageError, find_images
+from service.bulk.dataset import PART_ROWS, Dataset, ErrorLog, OutputError, RunSettings, errors_path
+from service.bulk.files import Inputs, UsageError, display_path, find_images, read_input
+from service.bulk.lock import output_lock
 from service.bulk.progress import Progress
 from service.core.options import PolicyError, check_seed, samples_for
 from service.settings import Settings
 
+if TYPE_CHECKING:
+    from models import LoadedModel
+
 OK, FAILED, USAGE, INTERRUPTED = 0, 1, 2, 130
+SERVER_CONNECT_TIMEOUT_S = 3.0  # a --server that does not answer within this fails the run at once
 
 
 def add_bulk_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,41 +61,39 @@ _DATASET_ONLY = ("glob", "workers", "server", "api_key_file", "images_per_reques
 def writes_dataset(args: argparse.Namespace) -> bool:
     """A Parquet dataset unless --out is missing or ends in .npy (today's in-memory path, for small jobs).
 
-    A dataset-only flag also means this path, where bulk_command asks for a dataset --out."""
+    A dataset-only flag also means this path, where the command asks for a dataset --out."""
     wants_dataset = any(getattr(args, name) not in (None, False) for name in _DATASET_ONLY)
     return wants_dataset or (args.out is not None and args.out.suffix.lower() != ".npy")
 
 
-def bulk_command(args: argparse.Namespace) -> int:
-    """Run `metta embed` into a Parquet dataset; returns the exit code."""
+def embed_command(args: argparse.Namespace) -> int:
+    """Run `metta embed`; returns the exit code (the table above)."""
     try:
-        if args.out is None or args.out.suffix.lower() == ".npy":
-            flags = [f"--{name.replace('_', '-')}" for name in _DATASET_ONLY
-                     if getattr(args, name) not in (None, False)]
-            raise UsageError(f"{', '.join(flags)} need a dataset: --out OUT.parquet")
-        files = find_images([str(path) for path in args.images], args.glob)
-        if not files:
-            raise UsageError("no image files found in " + " ".join(str(p) for p in args.images))
-        settings = _settings(args)
-        policy = args.policy or settings.default_policy
-        samples = samples_for(policy, args.samples, settings.default_samples)
-        check_seed(args.seed)
-        if (args.variance or args.dispersion) and samples < 2:
-            raise UsageError("--variance and --dispersion need at least 2 views (--samples 2 or more)")
-        workers = args.workers or settings.decode_workers
-        if workers < 1 or args.concurrency < 1 or (args.images_per_request or 1) < 1:
-            raise UsageError("--workers, --concurrency and --images-per-request must be at least 1")
-        if not 1 <= args.part_rows <= PART_ROWS:
-            raise UsageError(f"--part-rows must be in [1, {PART_ROWS}]")
-        out = Path(args.out)
-        if args.server is not None:
-            return _remote(args, files, out, policy, samples, workers)
-        return _local(args, settings, files, out, policy, samples, workers)
+        return dataset_command(args) if writes_dataset(args) else _array_command(args)
     except (UsageError, PolicyError) as exc:
         print(f"metta embed: {exc}", file=sys.stderr)
         return USAGE
+    except OutputError as exc:
+        print(f"metta embed: {exc}", file=sys.stderr)
+        return FAILED
     except KeyboardInterrupt:
         return INTERRUPTED
+
+
+def dataset_command(args: argparse.Namespace) -> int:
+    if args.out is None or args.out.suffix.lower() == ".npy":
+        flags = [f"--{name.replace('_', '-')}" for name in _DATASET_ONLY if getattr(args, name) not in (None, False)]
+        raise UsageError(f"{', '.join(flags)} need a dataset: --out OUT.parquet")
+    settings = _settings(args)
+    policy, samples = _views(args, settings, max_samples=settings.max_samples, input_size=None)
+    workers = args.workers or settings.decode_workers
+    if workers < 1 or args.concurrency < 1 or (args.images_per_request or 1) < 1:
+        raise UsageError("--workers, --concurrency and --images-per-request must be at least 1")
+    if not 1 <= args.part_rows <= PART_ROWS:
+        raise UsageError(f"--part-rows must be in [1, {PART_ROWS}]")
+    if args.server is not None:
+        return _remote(args, Path(args.out), policy, samples, workers)
+    return _local(args, settings, Path(args.out), policy, samples, workers)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -90,29 +104,64 @@ def _settings(args: argparse.Namespace) -> Settings:
         raise UsageError("; ".join(f"--{e['loc'][0]}: {e['msg']}" for e in exc.errors())) from None
 
 
-def _local(args: argparse.Namespace, settings: Settings, files: list[str], out: Path, policy: str, samples: int,
+def _views(args: argparse.Namespace, settings: Settings, *, max_samples: int,
+           input_size: int | None) -> tuple[str, int]:
+    """(policy, S) of this run, within the limits a server with these settings applies (UsageError if not)."""
+    from service.core.policies import check_samples
+
+    policy = args.policy or settings.default_policy
+    try:
+        check_seed(args.seed)
+    except PolicyError as exc:
+        raise UsageError(f"--seed: {exc}") from None
+    try:
+        samples = samples_for(policy, args.samples, settings.default_samples)
+        check_samples(policy, samples, max_samples=max_samples, input_size=input_size)
+    except PolicyError as exc:
+        raise UsageError(f"--samples: {exc}") from None
+    if (args.variance or getattr(args, "dispersion", False)) and samples < 2:
+        raise UsageError("--variance and --dispersion need at least 2 views (--samples 2 or more)")
+    return policy, samples
+
+
+def _inputs(args: argparse.Namespace) -> Inputs:
+    inputs = find_images([str(path) for path in args.images], getattr(args, "glob", None))
+    if not inputs.files and not inputs.skipped:
+        raise UsageError("no image files found in " + " ".join(display_path(str(p)) for p in args.images))
+    return inputs
+
+
+def _local(args: argparse.Namespace, settings: Settings, out: Path, policy: str, samples: int,
            workers: int) -> int:
-    from models import ModelError, create_model
     from service.bulk.local import DecodeLimits, run_local
     from service.core.embedding import EmbedOptions
     from service.core.policies import make_policy
 
+    model = _load_model(settings)
+    _views(args, settings, max_samples=settings.max_samples, input_size=model.spec.preprocess.input_size)
+    inputs = _inputs(args)
     options = EmbedOptions(samples, make_policy(policy), args.seed, return_variance=args.variance,
                            normalize=args.normalize, return_dispersion=args.dispersion)
-    try:
-        model = create_model(settings.model, settings.model_options())
-    except ModelError as exc:
-        raise UsageError(str(exc)) from None
     run = RunSettings(model.name, model.fingerprint, policy, samples, args.seed, args.normalize, args.variance,
                       args.dispersion)
-    with _session(out, run, model.dim, len(files), args) as (dataset, errors, progress):
-        run_local(files, dataset, errors, progress, model=model, options=options,
-                  limits=DecodeLimits(settings.max_image_pixels, settings.max_image_side), workers=workers,
-                  max_batch_crops=settings.batching(model.device.type).max_batch_crops)
-    return _exit_code(progress)
+    with _session(out, run, model.dim, inputs, args) as (dataset, errors, progress):
+        run_local(inputs.files, dataset, errors, progress, model=model, options=options,
+                  limits=DecodeLimits(settings.max_image_pixels, settings.max_image_side,
+                                      settings.max_body_bytes),
+                  workers=workers, max_batch_crops=settings.batching(model.device.type).max_batch_crops)
+    return _exit_code(dataset, progress)
 
 
-def _remote(args: argparse.Namespace, files: list[str], out: Path, policy: str, samples: int, workers: int) -> int:
+def _load_model(settings: Settings) -> LoadedModel:
+    from models import ModelError, create_model
+
+    try:
+        return create_model(settings.model, settings.model_options())
+    except ModelError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _remote(args: argparse.Namespace, out: Path, policy: str, samples: int, workers: int) -> int:
     import httpx
 
     from service.bulk.remote import RemoteFailed, run_remote
@@ -124,22 +173,35 @@ def _remote(args: argparse.Namespace, files: list[str], out: Path, policy: str, 
             api_key = args.api_key_file.read_text().strip()
         except OSError as exc:
             raise UsageError(f"--api-key-file {args.api_key_file}: {exc.strerror or exc}") from None
+
     async def run() -> int:
         async with AsyncClient(args.server, api_key, concurrency=args.concurrency,
-                               images_per_request=args.images_per_request) as client:
+                               images_per_request=args.images_per_request,
+                               connect_timeout=SERVER_CONNECT_TIMEOUT_S) as client:
             try:
+                await client.ready()  # one try, no retries: a dead URL fails in seconds
                 card = (await client.models())["data"][0]
-            except (MettaError, httpx.HTTPError) as exc:
-                raise UsageError(f"--server {args.server}: {exc}") from None
+            except httpx.HTTPError as exc:
+                raise RemoteFailed(f"--server {args.server}: nothing answers there "
+                                   f"({type(exc).__name__}: {exc or 'no reply'}); is metta-serve running?") from None
+            except MettaError as exc:
+                if exc.status in (401, 403):
+                    raise UsageError(f"--server {args.server}: {exc}") from None
+                raise RemoteFailed(f"--server {args.server}: {exc}") from None
             if args.model is not None and args.model != card["name"]:
                 raise UsageError(f"--model {args.model}: the server at {args.server} serves {card['name']}")
+            limits = await client.limits()
+            _views(args, Settings(), max_samples=limits.max_samples,
+                   input_size=(card.get("preprocess") or {}).get("input_size"))
+            inputs = _inputs(args)
             run = RunSettings(card["name"], card["fingerprint"], policy, samples, args.seed, args.normalize,
                               args.variance, args.dispersion)
-            with _session(out, run, int(card["dim"]), len(files), args) as (dataset, errors, progress):
-                await run_remote(files, dataset, errors, progress, client=client, concurrency=args.concurrency,
-                                 readers=workers,
+            with _session(out, run, int(card["dim"]), inputs, args,
+                          retried=lambda: client.retried) as (dataset, errors, progress):
+                await run_remote(inputs.files, dataset, errors, progress, client=client,
+                                 concurrency=args.concurrency, readers=workers,
                                  images_per_request=args.images_per_request)
-            return _exit_code(progress)
+            return _exit_code(dataset, progress)
 
     try:
         return asyncio.run(run())
@@ -149,21 +211,75 @@ def _remote(args: argparse.Namespace, files: list[str], out: Path, policy: str, 
 
 
 @contextmanager
-def _session(out: Path, run: RunSettings, dim: int, total: int,
-             args: argparse.Namespace) -> Iterator[tuple[Dataset, ErrorLog, Progress]]:
-    """Open the dataset; however the work ends (done, Ctrl-C, an error), keep the finished rows, print the summary."""
-    dataset = Dataset(out, run, dim, part_rows=args.part_rows)
-    dataset.open(overwrite=args.overwrite)
-    errors = ErrorLog(errors_path(out))
-    progress = Progress(total)
-    try:
-        yield dataset, errors, progress
-    finally:
-        dataset.flush()  # every buffered row is complete: keep it
-        errors.close()
-        progress.close()
-        print(progress.summary(str(out), str(errors.path)), flush=True)
+def _session(out: Path, run: RunSettings, dim: int, inputs: Inputs, args: argparse.Namespace, *,
+             retried: Callable[[], int] = lambda: 0) -> Iterator[tuple[Dataset, ErrorLog, Progress]]:
+    """Lock and open the dataset; however the work ends (done, Ctrl-C, an error), keep the finished rows and
+    print the summary, whose counts are the rows actually written."""
+    with output_lock(out):
+        dataset = Dataset(out, run, dim, part_rows=args.part_rows)
+        dataset.open(overwrite=args.overwrite)
+        errors = ErrorLog(errors_path(out))
+        progress = Progress(len(inputs.files) + len(inputs.skipped))
+        try:
+            for path, kind, message in inputs.skipped:
+                errors.add(path, kind, message)
+                progress.add_bad()
+            yield dataset, errors, progress
+            dataset.finish()
+        finally:
+            try:
+                dataset.flush()  # every buffered row is complete: keep it (a no-op after finish)
+            finally:
+                errors.close()
+                progress.close()
+                print(progress.summary(str(out), str(errors.path), written=dataset.written,
+                                       replaced=dataset.replaced, retried=retried()), flush=True)
 
 
-def _exit_code(progress: Progress) -> int:
-    return FAILED if progress.embedded == 0 and progress.already == 0 else OK
+def _exit_code(dataset: Dataset, progress: Progress) -> int:
+    return FAILED if dataset.written == 0 and progress.already == 0 else OK
+
+
+def _array_command(args: argparse.Namespace) -> int:
+    """--out OUT.npy (or no --out): every image decoded in memory, one (N, dim) array; any bad file fails the run."""
+    import numpy as np
+
+    from service.core.decode import decode_image
+    from service.core.embedding import embed
+    from service.core.errors import ServiceError
+
+    settings = _settings(args)
+    policy, samples = _views(args, settings, max_samples=settings.max_samples, input_size=None)
+    model = _load_model(settings)
+    _views(args, settings, max_samples=settings.max_samples, input_size=model.spec.preprocess.input_size)
+    images = []
+    for path in args.images:
+        read = read_input(str(path), {}, settings.max_body_bytes)
+        if read.data is None:
+            print(f"metta embed: {read.error[1] if read.error else path}", file=sys.stderr)
+            return FAILED
+        try:
+            images.append(decode_image(read.data, max_pixels=settings.max_image_pixels,
+                                       max_side=settings.max_image_side, label=str(path)))
+        except ServiceError as exc:
+            print(f"metta embed: {exc}", file=sys.stderr)
+            return FAILED
+    started = time.perf_counter()
+    result = embed(model, images, samples=samples, policy=policy, seed=args.seed, return_variance=args.variance,
+                   normalize=args.normalize, max_batch_crops=settings.batching(model.device.type).max_batch_crops)
+    elapsed = time.perf_counter() - started
+    print(f"model {model.name} ({model.fingerprint}, {model.mode} on {model.device}); policy {policy}, "
+          f"S={samples}, seed {args.seed}: {len(images)} images, {len(images) * samples} crops in {elapsed:.2f} s")
+    for path, vector in zip(args.images, result.embeddings, strict=True):
+        print(f"  {path}: dim {vector.shape[0]}, |mean| {np.linalg.norm(vector):.4f}")
+    if args.out is not None:
+        try:
+            np.save(args.out, result.embeddings)
+            print(f"means → {args.out}")
+            if result.variances is not None:
+                variance_path = args.out.with_name(args.out.stem + ".variance.npy")
+                np.save(variance_path, result.variances)
+                print(f"variances → {variance_path}")
+        except OSError as exc:
+            raise OutputError(f"could not write {args.out}: {exc.strerror or exc}") from None
+    return OK

@@ -4,11 +4,20 @@ Rows are buffered and written as part files of at most `part_rows` rows; each pa
 hidden temporary name (pyarrow's dataset discovery skips names starting with '.') and renamed once
 complete, so `pyarrow.parquet.read_table(OUT)` never sees half a part, even after `kill -9`. Every part
 carries the run's settings as schema metadata; a later run resumes only when they match, skipping the
-(path, sha256) pairs the dataset already holds, and at most the one unfinished part is redone.
+files whose (canonical path, sha256) the dataset already holds, and at most the one unfinished part is redone.
+
+A file whose content changed since its row was written is embedded again and its stale row is *replaced*:
+the new row goes into a new part, then each older part holding a superseded row is rewritten without it
+(temporary name, rename). A run killed between the two leaves both rows; the next run removes the older
+one when it opens the dataset, so a path has one row once any run has ended or opened.
+
+Paths: `path` is the canonical path as UTF-8 text (bytes of a name that are not UTF-8 written as `\\xNN`),
+`path_bytes` the same name exactly as the file system holds it; resume compares `path_bytes`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -22,11 +31,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from service.bulk.files import UsageError
+from service.bulk.files import UsageError, display_path, path_bytes
 
 PART_ROWS = 1_000
 _PART = re.compile(r"part-(\d{5,})\.parquet")
 _TEMP = re.compile(r"\.part-\d{5,}\.parquet\.tmp")
+IDENTITY = "resolved-path,sha256"  # how rows are matched to files on resume (datasets keyed otherwise are refused)
+
+
+class OutputError(Exception):
+    """Writing the dataset or its errors file failed (a full disk, lost permissions): exit code 1."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +63,7 @@ class RunSettings:
             "metta.policy": self.policy,
             "metta.samples": str(self.samples),
             "metta.seed": str(self.seed),
+            "metta.identity": IDENTITY,
             "metta.options": json.dumps(
                 {"normalize": self.normalize, "variance": self.variance, "dispersion": self.dispersion},
                 sort_keys=True),
@@ -57,7 +72,7 @@ class RunSettings:
 
 @dataclass
 class Row:
-    path: str
+    path: str  # canonical path (files.canonical_path); may hold surrogate escapes of non-UTF-8 bytes
     sha256: str
     embedding: np.ndarray  # (dim,) float32
     variance: np.ndarray | None = None
@@ -70,17 +85,20 @@ def errors_path(root: Path) -> Path:
 
 
 class Dataset:
-    """One run's writer: open() checks or clears what is there; add() buffers; flush() writes a part."""
+    """One run's writer: open() checks or clears what is there; add() buffers; flush() writes a part;
+    finish() writes the rest and removes the rows this run superseded."""
 
     def __init__(self, root: Path, run: RunSettings, dim: int, *, part_rows: int = PART_ROWS) -> None:
         self.root = root
         self.run = run
         self.part_rows = part_rows
-        self.done: set[tuple[str, str]] = set()  # (path, sha256) already in the dataset
+        self.known: dict[str, str] = {}  # canonical path -> sha256 of its newest row in the dataset
         self.rows: list[Row] = []
         self.next_part = 0
         self.written = 0  # rows written by this run
-        fields = [pa.field("path", pa.string()), pa.field("sha256", pa.string()),
+        self.replaced = 0  # of them, rows that supersede a stale row of the same path
+        self._part_paths: dict[int, list[str]] = {}  # the paths in each finished part
+        fields = [pa.field("path", pa.string()), pa.field("path_bytes", pa.binary()), pa.field("sha256", pa.string()),
                   pa.field("embedding", pa.list_(pa.float32(), dim))]
         if run.variance:
             fields.append(pa.field("variance", pa.list_(pa.float32(), dim)))
@@ -104,6 +122,7 @@ class Dataset:
         for path in parts:
             self._resume_from(path)
         self.next_part = max((_part_number(path) for path in parts), default=-1) + 1
+        self._remove_superseded()  # left by a run killed between writing a new row and removing the old one
 
     def _parts(self) -> list[Path]:
         """The finished parts; anything else in the folder means it is not ours to resume or delete."""
@@ -119,7 +138,6 @@ class Dataset:
     def _resume_from(self, path: Path) -> None:
         try:
             schema = pq.read_schema(path)
-            table = pq.read_table(path, columns=["path", "sha256"])
         except (OSError, pa.ArrowException) as exc:
             raise UsageError(f"{path} is not a readable Parquet part ({exc}); use --overwrite to start over") from None
         found = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items() if k.startswith(b"metta.")}
@@ -127,9 +145,17 @@ class Dataset:
         wanted = self.run.metadata()
         if found != wanted or not schema.remove_metadata().equals(self.schema):
             raise UsageError(_mismatch(self.root, found, wanted))
-        self.done.update(zip(table.column("path").to_pylist(), table.column("sha256").to_pylist(), strict=True))
+        try:
+            table = pq.read_table(path, columns=["path_bytes", "sha256"])
+        except (OSError, pa.ArrowException) as exc:
+            raise UsageError(f"{path} is not a readable Parquet part ({exc}); use --overwrite to start over") from None
+        paths = [os.fsdecode(name) for name in table.column("path_bytes").to_pylist()]
+        self.known.update(zip(paths, table.column("sha256").to_pylist(), strict=True))  # parts in order: newest wins
+        self._part_paths[_part_number(path)] = paths
 
     def add(self, row: Row) -> None:
+        if self.known.get(row.path, row.sha256) != row.sha256:
+            self.replaced += 1
         self.rows.append(row)
         if len(self.rows) >= self.part_rows:
             self.flush()
@@ -142,21 +168,54 @@ class Dataset:
         if not rows:
             return
         name = f"part-{self.next_part:05d}.parquet"
-        temporary = self.root / f".{name}.tmp"
         table = pa.Table.from_arrays(self._columns(rows), schema=self.schema.with_metadata(
             {**self.run.metadata(), "metta.created": datetime.now(UTC).isoformat(timespec="seconds")}))
-        with temporary.open("wb") as file:
-            pq.write_table(table, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, self.root / name)
+        self._write(name, table, f"the {len(rows)} rows of this part are redone by the next run")
+        self._part_paths[self.next_part] = [row.path for row in rows]
         self.next_part += 1
         self.written += len(rows)
-        self.done.update((row.path, row.sha256) for row in rows)
+        self.known.update((row.path, row.sha256) for row in rows)
+
+    def finish(self) -> None:
+        """The end of a run that went well: the last part, then no path left with two rows."""
+        self.flush()
+        self._remove_superseded()
+
+    def _write(self, name: str, table: pa.Table, lost: str) -> None:
+        temporary = self.root / f".{name}.tmp"
+        try:
+            with temporary.open("wb") as file:
+                pq.write_table(table, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, self.root / name)
+        except OSError as exc:
+            temporary.unlink(missing_ok=True)
+            raise OutputError(f"could not write {self.root / name}: {exc.strerror or exc}; the {self.written} rows "
+                              f"this run wrote before are kept, {lost}") from None
+
+    def _remove_superseded(self) -> None:
+        """Rewrite each part holding a row that a newer part replaced, without that row."""
+        newest: dict[str, int] = {}
+        for number in sorted(self._part_paths):
+            newest.update(dict.fromkeys(self._part_paths[number], number))
+        for number, paths in sorted(self._part_paths.items()):
+            stale = {path for path in paths if newest[path] != number}
+            if not stale:
+                continue
+            name = f"part-{number:05d}.parquet"
+            table = pq.read_table(self.root / name)
+            keep = [os.fsdecode(b) not in stale for b in table.column("path_bytes").to_pylist()]
+            if any(keep):
+                self._write(name, table.filter(pa.array(keep)), "the stale rows are removed by the next run")
+            else:
+                (self.root / name).unlink()
+            self._part_paths[number] = [path for path in paths if path not in stale]
 
     def _columns(self, rows: list[Row]) -> list[pa.Array]:
         dim = self.schema.field("embedding").type.list_size
-        columns: list[pa.Array] = [pa.array([r.path for r in rows], pa.string()),
+        columns: list[pa.Array] = [pa.array([display_path(r.path) for r in rows], pa.string()),
+                                   pa.array([path_bytes(r.path) for r in rows], pa.binary()),
                                    pa.array([r.sha256 for r in rows], pa.string()),
                                    _vectors([r.embedding for r in rows], dim)]
         if self.run.variance:
@@ -194,14 +253,19 @@ class ErrorLog:
         self._file: IO[str] | None = None
 
     def add(self, path: str, kind: str, message: str) -> None:
-        if self._file is None:
-            self._file = self.path.open("w", encoding="utf-8")
-        self._file.write(json.dumps({"path": path, "type": kind, "message": message}) + "\n")
-        self._file.flush()  # a killed run still leaves every line it found
+        line = json.dumps({"path": display_path(path), "type": kind, "message": message}) + "\n"
+        try:
+            if self._file is None:
+                self._file = self.path.open("w", encoding="utf-8")
+            self._file.write(line)
+            self._file.flush()  # a killed run still leaves every line it found
+        except OSError as exc:
+            raise OutputError(f"could not write {self.path}: {exc.strerror or exc}") from None
         self.count += 1
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
+            with contextlib.suppress(OSError):  # its lines were flushed one by one; a failed one was reported
+                self._file.close()
         elif self.path.exists():
             self.path.unlink()  # this run found no bad file: an old list would mislead

@@ -8,14 +8,14 @@ results leave for the dataset as soon as each image is done (`embed_stream`).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
 from models import LoadedModel
 from service.bulk.dataset import Dataset, ErrorLog, Row
-from service.bulk.files import read_input
+from service.bulk.files import display_path, read_input
 from service.bulk.progress import Progress
 from service.core.decode import decode_image
 from service.core.embedding import EmbedOptions, ImageJob, embed_stream
@@ -40,14 +40,15 @@ class Prepared:
 class DecodeLimits:
     max_pixels: int
     max_side: int
+    max_bytes: int  # a file is read only up to the server's body limit
 
 
 def run_local(files: list[str], dataset: Dataset, errors: ErrorLog, progress: Progress, *, model: LoadedModel,
               options: EmbedOptions, limits: DecodeLimits, workers: int, max_batch_crops: int) -> None:
-    done = frozenset(dataset.done)  # a snapshot: the pool's threads read it while the dataset grows
+    known = dict(dataset.known)  # a snapshot: the pool's threads read it while the dataset grows
 
     def prepare(path: str) -> Prepared:
-        return prepare_file(path, done, model, options, limits)
+        return prepare_file(path, known, model, options, limits)
 
     pool = ThreadPoolExecutor(workers, thread_name_prefix="metta-embed-decode")
     try:
@@ -69,19 +70,21 @@ def run_local(files: list[str], dataset: Dataset, errors: ErrorLog, progress: Pr
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def prepare_file(path: str, done: frozenset[tuple[str, str]], model: LoadedModel, options: EmbedOptions,
+def prepare_file(path: str, known: Mapping[str, str], model: LoadedModel, options: EmbedOptions,
                  limits: DecodeLimits) -> Prepared:
-    """Read and hash the file; unless the dataset has it, decode it and plan its views (all off the main thread)."""
-    read = read_input(path, done)
+    """Read and hash the file; unless the dataset has it as it is now, decode it and plan its views (off the
+    main thread)."""
+    read = read_input(path, known, limits.max_bytes)
     if read.data is None:
         return Prepared(path, read.sha256, error=read.error)
     try:
-        image = decode_image(read.data, max_pixels=limits.max_pixels, max_side=limits.max_side, label=path)
+        image = decode_image(read.data, max_pixels=limits.max_pixels, max_side=limits.max_side,
+                             label=display_path(path))
         return Prepared(path, read.sha256, job=ImageJob(image, options, model))
     except ServiceError as exc:
         return Prepared(path, read.sha256, error=(exc.type, exc.message))
     except PolicyError as exc:
-        return Prepared(path, read.sha256, error=("invalid_image", f"{path}: {exc}"))
+        return Prepared(path, read.sha256, error=("invalid_image", f"{display_path(path)}: {exc}"))
 
 
 def ordered_map(pool: ThreadPoolExecutor, work: Callable[[T], R], items: Iterable[T], *,

@@ -35,9 +35,12 @@ class Progress:
     def close(self) -> None:
         self._bar.close()
 
-    def summary(self, out: str, errors: str) -> str:
+    def summary(self, out: str, errors: str, *, written: int, replaced: int = 0, retried: int = 0) -> str:
+        """`written`: the rows this run wrote to the output (not those computed and lost to a failed write)."""
         seconds = time.perf_counter() - self.started
-        rate = self.embedded / seconds if seconds > 0 else 0.0
+        rate = written / seconds if seconds > 0 else 0.0
         bad = f"{self.bad} skipped as bad" + (f" (listed in {errors})" if self.bad else "")
-        return (f"metta embed: {self.embedded} embedded, {self.already} already present, {bad}; "
+        stale = f" ({replaced} replacing the stale row of a changed file)" if replaced else ""
+        retries = f", {retried} requests retried" if retried else ""
+        return (f"metta embed: {written} embedded{stale}, {self.already} already present, {bad}{retries}; "
                 f"{seconds:.1f} s ({rate:.1f} images/s) -> {out}")

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
 from service.bulk.dataset import Dataset, ErrorLog, Row
-from service.bulk.files import InputFile, UsageError, read_input
+from service.bulk.files import InputFile, UsageError, display_path, read_input
 from service.bulk.progress import Progress
 from service.client import AsyncClient, MettaError, request_capacity, upload_size
 
@@ -32,16 +32,17 @@ async def run_remote(files: list[str], dataset: Dataset, errors: ErrorLog, progr
                      client: AsyncClient, concurrency: int, readers: int,
                      images_per_request: int | None = None) -> None:
     """Embed `files` through the server with the dataset's settings (`dataset.run`)."""
-    done = frozenset(dataset.done)
+    known = dict(dataset.known)  # a snapshot: the reading threads use it while the dataset grows
     options = dataset.run
-    per_request, budget = request_capacity(options.samples, await client.limits(), images_per_request)
+    limits = await client.limits()
+    per_request, budget = request_capacity(options.samples, limits, images_per_request)
     batches: asyncio.Queue[list[InputFile] | None] = asyncio.Queue(maxsize=2)
 
     async def produce() -> None:
         batch: list[InputFile] = []
         used = 0
         with ThreadPoolExecutor(readers, thread_name_prefix="metta-embed-read") as pool:
-            async for item in _read_ahead(pool, files, done, ahead=4 * readers):
+            async for item in _read_ahead(pool, files, known, limits.max_body_bytes, ahead=4 * readers):
                 if item.error is not None:
                     errors.add(item.path, *item.error)
                     progress.add_bad()
@@ -76,7 +77,7 @@ async def run_remote(files: list[str], dataset: Dataset, errors: ErrorLog, progr
                 for item in batch:
                     await send([item])
                 return
-            errors.add(batch[0].path, exc.type, exc.message.replace("images[0]", batch[0].path))
+            errors.add(batch[0].path, exc.type, exc.message.replace("images[0]", display_path(batch[0].path)))
             progress.add_bad()
             return
         if reply.model_fingerprint != dataset.run.model_fingerprint:
@@ -100,13 +101,13 @@ async def run_remote(files: list[str], dataset: Dataset, errors: ErrorLog, progr
             task.cancel()
 
 
-async def _read_ahead(pool: ThreadPoolExecutor, files: list[str], done: frozenset[tuple[str, str]], *,
+async def _read_ahead(pool: ThreadPoolExecutor, files: list[str], known: Mapping[str, str], max_bytes: int, *,
                       ahead: int) -> AsyncIterator[InputFile]:
     """read_input for every file on the pool, in order, with at most `ahead` reads in flight."""
     loop = asyncio.get_running_loop()
     window: deque[asyncio.Future[InputFile]] = deque()
     for path in files:
-        window.append(loop.run_in_executor(pool, read_input, path, done))
+        window.append(loop.run_in_executor(pool, read_input, path, known, max_bytes))
         if len(window) >= ahead:
             yield await window.popleft()
     while window:

@@ -188,6 +188,15 @@ def make_policy(name: str, **params: object) -> Policy:
     raise PolicyError(f"unknown policy {name!r}; choose one of {', '.join(POLICY_NAMES)}")
 
 
+def check_samples(policy_name: str, samples: int, *, max_samples: int, input_size: int | None) -> None:
+    """The limits on S that every door applies (the server, `metta embed`): the `max_samples` setting, then
+    the views the policy can make distinct at the model's input size. PolicyError names the bound."""
+    if samples > max_samples:  # before the policy's own limit, which may be above this one
+        raise PolicyError(f"at most {max_samples}, got {samples}")
+    if policy_name == "multiscale" and input_size is not None:
+        MultiscalePolicy().sizes(samples, input_size)  # raises when the sizes cannot make that many views
+
+
 def plan_views(
     policy: Policy, image: torch.Tensor, samples: int, seed: int, preprocess: Preprocess
 ) -> list[View]:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
+import os
+import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +15,14 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+import service.bulk.dataset
 import service.bulk.local
 from models import ModelOptions, create_model
+from service.bulk.lock import output_lock
 from service.cli import main
 from service.core.decode import decode_image
 from service.core.embedding import embed
+from service.core.policies import MultiscalePolicy
 
 DUMMY = ["--model", "dummy", "--mode", "eager"]
 
@@ -51,7 +58,7 @@ def test_a_folder_becomes_a_dataset_with_bad_files_listed_and_the_library_number
     assert "12 embedded, 0 already present, 1 skipped as bad" in summary
     table = pq.read_table(out)
     assert table.num_rows == 12 and len(list(out.glob("part-*.parquet"))) == 3  # 5 + 5 + 2 rows
-    assert table.column_names == ["path", "sha256", "embedding", "dispersion"]
+    assert table.column_names == ["path", "path_bytes", "sha256", "embedding", "dispersion"]
     bad = [json.loads(line) for line in (tmp_path / "out.parquet.errors.jsonl").read_text().splitlines()]
     assert bad == [{"path": str(tmp_path / "photos" / "broken.jpg"), "type": "invalid_image",
                     "message": bad[0]["message"]}] and "broken.jpg" in bad[0]["message"]
@@ -124,6 +131,118 @@ def test_ctrl_c_keeps_the_finished_rows_and_exits_130(tmp_path, monkeypatch, cap
 def test_npy_output_keeps_todays_behaviour(tmp_path, capsys) -> None:
     photos = write_photos(tmp_path, 2)
     out = tmp_path / "means.npy"
-    main(["embed", *map(str, photos), "--out", str(out), "--samples", "2", "--variance", *DUMMY])
+    assert metta(*map(str, photos), "--out", str(out), "--samples", "2", "--variance", *DUMMY) == 0
     assert np.load(out).shape == (2, 16) and np.load(tmp_path / "means.variance.npy").shape == (2, 16)
     assert "means →" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("out", ["s.parquet", "s.npy"])
+def test_a_bad_option_is_one_message_and_exit_2_before_any_file_is_read(tmp_path, capsys, out) -> None:
+    write_photos(tmp_path / "photos", 3)
+    target = str(tmp_path / out)
+    dummy_distinct = next(s for s in range(1, 300) if _too_many_views(s, 64))  # the dummy model's 64 px input
+    for samples, says in [("1000", "--samples: at most 128, got 1000"),  # the server's max_samples setting
+                          ("0", "--samples: samples must be at least 1, got 0"),
+                          (str(dummy_distinct), f"makes at most {dummy_distinct - 1} distinct views")]:
+        assert metta(str(tmp_path / "photos"), "--out", target, "--samples", samples, "--policy", "multiscale",
+                     *DUMMY) == 2
+        err = capsys.readouterr().err
+        assert err.count("metta embed:") == 1 and says in err, err
+    assert not (tmp_path / f"{out}.errors.jsonl").exists() and not (tmp_path / out).exists()
+    # Checked before the inputs are listed: a missing folder is not what it complains about.
+    assert metta(str(tmp_path / "missing"), "--out", target, "--samples", "1000", *DUMMY) == 2
+    assert "--samples: at most 128" in capsys.readouterr().err
+
+
+def _too_many_views(samples: int, input_size: int) -> bool:
+    try:
+        MultiscalePolicy().sizes(samples, input_size)
+    except ValueError:
+        return True
+    return False
+
+
+def test_one_folder_by_any_spelling_is_embedded_once(tmp_path, monkeypatch, capsys) -> None:
+    write_photos(tmp_path / "photos", 5)
+    (tmp_path / "alias").symlink_to(tmp_path / "photos")
+    monkeypatch.chdir(tmp_path)
+    out = str(tmp_path / "out.parquet")
+    for spelling in ["photos", str(tmp_path / "photos"), "./photos/", "alias", "alias/../photos"]:
+        assert metta(spelling, "--out", out, *DUMMY) == 0
+    summaries = [line for line in capsys.readouterr().out.splitlines() if line.startswith("metta embed:")]
+    assert "5 embedded" in summaries[0] and all("0 embedded, 5 already present" in s for s in summaries[1:])
+    paths = pq.read_table(out).column("path").to_pylist()
+    assert len(paths) == len(set(paths)) == 5 and all(p.startswith(str(tmp_path / "photos")) for p in paths)
+
+
+def test_a_changed_file_is_embedded_again_and_its_stale_row_replaced(tmp_path, capsys) -> None:
+    photos = write_photos(tmp_path / "photos", 4)
+    out = str(tmp_path / "out.parquet")
+    assert metta(str(tmp_path / "photos"), "--out", out, *DUMMY) == 0
+    before = dict(zip(*pq.read_table(out, columns=["path", "sha256"]).to_pydict().values(), strict=True))
+    photos[1].write_bytes(photos[2].read_bytes())  # edited since
+    assert metta(str(tmp_path / "photos"), "--out", out, *DUMMY) == 0
+    assert "1 embedded (1 replacing the stale row of a changed file), 3 already present" in capsys.readouterr().out
+    after = dict(zip(*pq.read_table(out, columns=["path", "sha256"]).to_pydict().values(), strict=True))
+    assert after.keys() == before.keys() and len(pq.read_table(out)) == 4
+    assert after[str(photos[1])] == after[str(photos[2])] != before[str(photos[1])]
+
+
+@pytest.mark.timeout(60)
+def test_a_hostile_folder_is_embedded_with_its_special_files_reported(tmp_path, capsys) -> None:
+    folder = tmp_path / "photos"
+    write_photos(folder, 3)
+    odd = os.fsencode(str(folder)) + b"/caf\xe9\xff.png"  # not UTF-8
+    Path(os.fsdecode(odd)).write_bytes((folder / "photo001.JPEG").read_bytes())
+    os.mkfifo(folder / "pipe.jpg")
+    (folder / "zero.jpg").symlink_to("/dev/zero")
+    out = tmp_path / "out.parquet"
+    assert metta(str(folder), "--out", str(out), *DUMMY) == 0
+    assert "4 embedded, 0 already present, 2 skipped as bad" in capsys.readouterr().out
+    assert odd in pq.read_table(out).column("path_bytes").to_pylist()
+    bad = [json.loads(line) for line in (tmp_path / "out.parquet.errors.jsonl").read_text().splitlines()]
+    assert sorted((Path(b["path"]).name, b["type"]) for b in bad) == [("pipe.jpg", "not_a_regular_file"),
+                                                                       ("zero.jpg", "not_a_regular_file")]
+    assert metta(str(folder), "--out", str(out), *DUMMY) == 0  # and it resumes: the odd name is recognised
+    assert "0 embedded, 4 already present" in capsys.readouterr().out
+
+
+def test_a_second_run_into_the_same_output_is_refused(tmp_path, capsys) -> None:
+    write_photos(tmp_path / "photos", 2)
+    out = tmp_path / "out.parquet"
+    with output_lock(out):  # the first run, still writing
+        assert metta(str(tmp_path / "photos"), "--out", str(out), *DUMMY) == 2
+    assert f"{out} is being written by another metta embed run" in capsys.readouterr().err
+    assert not out.exists()
+    assert metta(str(tmp_path / "photos"), "--out", str(out), *DUMMY) == 0
+
+
+def test_a_full_disk_ends_with_a_message_exit_1_and_counts_of_the_rows_written(tmp_path, monkeypatch,
+                                                                                capsys) -> None:
+    write_photos(tmp_path / "photos", 7)
+    real_write = service.bulk.dataset.pq.write_table
+    parts = []
+
+    def fill_up(table, where, **kwargs):  # type: ignore[no-untyped-def]
+        parts.append(table.num_rows)
+        if len(parts) > 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_write(table, where, **kwargs)
+
+    monkeypatch.setattr(service.bulk.dataset.pq, "write_table", fill_up)
+    out = tmp_path / "out.parquet"
+    assert metta(str(tmp_path / "photos"), "--out", str(out), "--part-rows", "2", *DUMMY) == 1
+    captured = capsys.readouterr()
+    assert "No space left on device" in captured.err and "Traceback" not in captured.err
+    assert pq.read_table(out).num_rows == 4 and "metta embed: 4 embedded" in captured.out
+
+
+def test_a_server_that_does_not_answer_fails_within_seconds_naming_it(tmp_path, capsys) -> None:
+    write_photos(tmp_path / "photos", 1)
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    started = time.monotonic()
+    assert metta(str(tmp_path / "photos"), "--out", str(tmp_path / "out.parquet"), "--server", url) == 1
+    assert time.monotonic() - started < 10
+    assert f"--server {url}: nothing answers there" in capsys.readouterr().err

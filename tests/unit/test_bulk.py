@@ -34,13 +34,13 @@ def test_folders_are_walked_recursively_with_image_extensions_in_any_case(tmp_pa
         touch(tmp_path / "photos" / name)
     touch(tmp_path / "single.bin")
     folder = str(tmp_path / "photos")
-    found = find_images([folder, str(tmp_path / "single.bin"), folder])
+    found = find_images([folder, str(tmp_path / "single.bin"), folder]).files
     assert found == [os.path.join(folder, "a.png"), os.path.join(folder, "b.JPEG"),
                      os.path.join(folder, "sub", "c.Jpg"), os.path.join(folder, "sub", "e.tif"),
                      os.path.join(folder, "sub", "deeper", "d.webp"),  # a folder's files, then its subfolders
                      str(tmp_path / "single.bin")]  # each once; a file argument as named
-    assert find_images([folder], "sub/*") == found[2:5]
-    assert find_images([folder], "*.png") == [os.path.join(folder, "a.png")]
+    assert find_images([folder], "sub/*").files == found[2:5]
+    assert find_images([folder], "*.png").files == [os.path.join(folder, "a.png")]
     with pytest.raises(UsageError, match="no such file"):
         find_images([str(tmp_path / "missing")])
 
@@ -117,7 +117,7 @@ def test_resume_skips_what_is_there_and_drops_an_unfinished_part(tmp_path: Path)
     (out / ".part-00001.parquet.tmp").write_bytes(b"half a part")
     again = Dataset(out, RUN, 4, part_rows=10)
     again.open(overwrite=False)
-    assert again.done == {(r.path, r.sha256) for r in rows(10)}
+    assert again.known == {r.path: r.sha256 for r in rows(10)}
     assert not (out / ".part-00001.parquet.tmp").exists() and again.next_part == 1
     for row in rows(2, start=10):
         again.add(row)
@@ -141,7 +141,7 @@ def test_other_settings_on_an_existing_dataset_are_refused_unless_overwritten(tm
         Dataset(out, other, 4).open(overwrite=False)
     fresh = Dataset(out, other, 4)
     fresh.open(overwrite=True)
-    assert fresh.done == set() and os.listdir(out) == []
+    assert fresh.known == {} and os.listdir(out) == []
 
 
 def test_a_folder_with_foreign_files_is_never_resumed_or_deleted(tmp_path: Path) -> None:
