@@ -28,21 +28,27 @@ RENDERERS = {"cuda": "float-roi-align"}
 CPU_RENDERER = "uint8-antialias"
 JPEG_DECODERS = ("pillow", "nvjpeg")  # libjpeg-turbo through Pillow; torchvision's nvJPEG on CUDA
 COLOR_MODES = ("icc-srgb", "none")  # embedded ICC profiles converted to sRGB at decode, or ignored
+# JPEGs decoded at the DCT-domain scale (1/2, 1/4, 1/8) their views allow (service.core.embedding's
+# decode_reduction), or always at full size. Close (cosine >= 0.999 on 12 MP photos), not identical.
+DECODE_SCALINGS = ("reduced", "full")
 
 
 def fingerprint(weights_sha: str, spec: ModelSpec, dtype: str, mode: str, *, device_type: str = "cpu",
-                jpeg_decoder: str = "pillow", color: str = "icc-srgb") -> str:
+                jpeg_decoder: str = "pillow", color: str = "icc-srgb", scaling: str = "reduced") -> str:
     """A short id, a pure function of everything that changes pixels or numerics: equal fingerprints mean
     comparable embeddings. Weights, preprocessing, dtype, engine, device type (kernels), the view renderer
-    (follows the device type), the JPEG decoder and the colour handling at decode."""
+    (follows the device type), the JPEG decoder, the colour handling and the decode scaling."""
     if jpeg_decoder not in JPEG_DECODERS:
         raise ModelError(f"unknown JPEG decoder {jpeg_decoder!r}; one of {', '.join(JPEG_DECODERS)}")
     if color not in COLOR_MODES:
         raise ModelError(f"unknown colour mode {color!r}; one of {', '.join(COLOR_MODES)}")
+    if scaling not in DECODE_SCALINGS:
+        raise ModelError(f"unknown decode scaling {scaling!r}; one of {', '.join(DECODE_SCALINGS)}")
     payload = json.dumps(
         {"weights": weights_sha, "preprocess": asdict(spec.preprocess), "dim": spec.dim,
          "dtype": dtype, "mode": mode, "device_type": device_type,
-         "renderer": RENDERERS.get(device_type, CPU_RENDERER), "jpeg_decoder": jpeg_decoder, "color": color},
+         "renderer": RENDERERS.get(device_type, CPU_RENDERER), "jpeg_decoder": jpeg_decoder, "color": color,
+         "scaling": scaling},
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -75,6 +81,7 @@ class LoadedModel:
         self.head = head
         self.weights_sha = weights_sha  # `weights_digest` of the backbone: keys the shipped calibration
         self._given_fingerprint = fingerprint
+        self.decoding = {"jpeg_decoder": "pillow", "color": "icc-srgb", "scaling": "reduced"}  # fingerprint's defaults
         self._run = run
         mean = torch.tensor(spec.preprocess.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
         std = torch.tensor(spec.preprocess.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
@@ -82,14 +89,16 @@ class LoadedModel:
         self._std = std.to(device)
         self._rows_by_width: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # see normalize_into
 
-    def set_decoding(self, *, jpeg_decoder: str, color: str) -> None:
-        """The server's decoding choices change pixels too: the reported fingerprint names them.
+    def set_decoding(self, *, jpeg_decoder: str, color: str, scaling: str = "reduced") -> None:
+        """The server's decoding choices change pixels too: the reported fingerprint names them (and
+        `decoding` says what they are, for /v1/models).
 
         A model built without a weights digest (tests wrap one) stands in its given fingerprint for it.
         """
         weights = self.weights_sha or f"given:{self._given_fingerprint}"
         self.fingerprint = fingerprint(weights, self.spec, self.dtype, self.mode, device_type=self.device.type,
-                                       jpeg_decoder=jpeg_decoder, color=color)
+                                       jpeg_decoder=jpeg_decoder, color=color, scaling=scaling)
+        self.decoding = {"jpeg_decoder": jpeg_decoder, "color": color, "scaling": scaling}
 
     @property
     def name(self) -> str:

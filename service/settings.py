@@ -68,6 +68,8 @@ class Settings(BaseSettings):
                                 description="threads rendering one batch's views, while the model runs the last")
     device_jpeg_decode: bool = Field(True, description="on CUDA, decode JPEGs on the GPU (nvJPEG via torchvision)")
     icc_to_srgb: bool = Field(True, description="convert embedded ICC colour profiles to sRGB at decode")
+    reduced_decode: bool = Field(True, description="decode JPEGs at the reduced scale (1/2, 1/4, 1/8) their views "
+                                                   "allow, in the DCT domain; off: always at full size")
 
     # Batching (counted in crops: one request brings images × samples of them). Unset: per device type
     # (`BATCHING_DEFAULTS`): a CPU forward is at full speed by 32 crops, a GPU forward wants hundreds.

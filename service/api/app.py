@@ -54,8 +54,8 @@ from service.api.schemas import (
     Usage,
     openapi_request_body,
 )
-from service.core.decode import decode_image, image_size
-from service.core.embedding import EmbedOptions, ImageJob, ImageResult
+from service.core.decode import OpenedImage, open_image
+from service.core.embedding import EmbedOptions, ImageJob, ImageResult, decode_reduction
 from service.core.errors import DeadlineExceeded, InvalidOption, NotReady, ServiceError, Unauthorized
 from service.core.policies import make_policy
 from service.core.uncertainty import label_free_uncertainty
@@ -125,7 +125,8 @@ def create_app(settings: Settings | None = None, *, model: LoadedModel | None = 
                 state.jpeg_device = loaded.device
         # Decoding changes pixels too: the reported fingerprint names the decoder and colour handling chosen here.
         loaded.set_decoding(jpeg_decoder="nvjpeg" if state.jpeg_device is not None else "pillow",
-                            color="icc-srgb" if settings.icc_to_srgb else "none")
+                            color="icc-srgb" if settings.icc_to_srgb else "none",
+                            scaling="reduced" if settings.reduced_decode else "full")
         metrics.model_info.labels(loaded.name, loaded.fingerprint, str(loaded.dim), str(loaded.device),
                                   loaded.dtype, loaded.mode).set(1)
         config = settings.batching(loaded.device.type)
@@ -176,8 +177,8 @@ def create_app(settings: Settings | None = None, *, model: LoadedModel | None = 
         loaded = _require_model(state)
         card = ModelCard(name=loaded.name, dim=loaded.dim, default=True, fingerprint=loaded.fingerprint,
                          device=str(loaded.device), dtype=loaded.dtype, mode=loaded.mode,
-                         preprocess=asdict(loaded.spec.preprocess), id=loaded.name, created=SERVED_SINCE,
-                         limits=request_limits(settings), **task_card(loaded, settings))
+                         preprocess=asdict(loaded.spec.preprocess), decoding=loaded.decoding, id=loaded.name,
+                         created=SERVED_SINCE, limits=request_limits(settings), **task_card(loaded, settings))
         return ModelsResponse(data=[card])
 
     @api.post("/embeddings", response_model=EmbeddingsResponse, responses=_ERROR_RESPONSES,
@@ -278,10 +279,11 @@ async def _run_views(request: Request, state: ServiceState, images: list[bytes],
 
 async def _decode_all(state: ServiceState, images: list[bytes], options: EmbedOptions, pixels: Reservation,
                       field: str) -> list[ImageJob]:
-    """Each image decoded and planned in the decode pool, reserving its header's size against the pixel budget
-    just before it decodes (429 when full) and shrinking the hold to the working copy it keeps once planned.
+    """Each image's header read (once) and the reduced decode its views allow chosen, then the pixels that decode
+    will hold reserved against the pixel budget just before it decodes (429 when full), the image decoded and
+    planned in the decode pool, and the hold shrunk to the working copy it keeps.
 
-    A request holds at most its decode share of headers at once plus its working copies: one request of many
+    A request holds at most its decode share of decodes at once plus its working copies: one request of many
     large images cannot take the whole budget from everyone else while it decodes (reserving every header at
     once, 64 × 40 MP held 2.4 G pixels of a 256 M budget for the 20 s of its decode).
     """
@@ -290,28 +292,30 @@ async def _decode_all(state: ServiceState, images: list[bytes], options: EmbedOp
     pool = state.decode_pool
     share = pool.request_share()
     # The request's decode slots, held from the header check to the working copy, so that no more than the
-    # pool's share of its headers is reserved at a time (the pool's own share is released between the two trips).
+    # pool's share of its decodes is reserved at a time (the pool's own share is released between the two trips).
     slots = asyncio.Semaphore(pool.share)
 
-    def header_pixels(data: bytes, index: int) -> int:
-        width, height = image_size(data, max_pixels=settings.max_image_pixels, max_side=settings.max_image_side,
-                                   label=f"{field}[{index}]")
-        return width * height
+    def opened(data: bytes, index: int) -> tuple[OpenedImage, int]:
+        """The header, read once, and the reduced decode the views allow."""
+        image = open_image(data, max_pixels=settings.max_image_pixels, max_side=settings.max_image_side,
+                           label=f"{field}[{index}]")
+        if not settings.reduced_decode or state.jpeg_device is not None:
+            return image, 1
+        return image, decode_reduction(image, options, model)
 
-    def decode_and_plan(data: bytes, index: int) -> ImageJob:
+    def decode_and_plan(image: OpenedImage, reduction: int) -> ImageJob:
         started = time.perf_counter()
-        image = decode_image(data, max_pixels=settings.max_image_pixels, max_side=settings.max_image_side,
-                             label=f"{field}[{index}]", jpeg_device=state.jpeg_device,
-                             icc_to_srgb=settings.icc_to_srgb)
+        decoded = image.decode(reduction, jpeg_device=state.jpeg_device, icc_to_srgb=settings.icc_to_srgb)
         state.metrics.decode_duration.observe(time.perf_counter() - started)
-        return ImageJob(image, options, model)
+        return ImageJob(decoded, options, model, planned=(image.height, image.width))
 
     async def one(data: bytes, index: int) -> ImageJob:
         async with slots:
-            upper = await pool.run(share, functools.partial(header_pixels, data, index))
+            image, reduction = await pool.run(share, functools.partial(opened, data, index))
+            upper = image.decoded_pixels(reduction)  # what the decode will hold
             pixels.grow(upper)
-            job = await pool.run(share, functools.partial(decode_and_plan, data, index))
-            pixels.shrink(max(0, upper - job.pixels))  # the header's size was the upper bound; the copy is less
+            job = await pool.run(share, functools.partial(decode_and_plan, image, reduction))
+            pixels.shrink(max(0, upper - job.pixels))  # the decoded size was the upper bound; the copy is less
             return job
 
     return await all_or_nothing([one(data, i) for i, data in enumerate(images)])

@@ -203,6 +203,8 @@ class ModelCard(BaseModel):
     dtype: str
     mode: str
     preprocess: dict[str, Any]
+    decoding: dict[str, str] = Field(default_factory=dict, description="how images are decoded (part of the "
+                                     "fingerprint): jpeg_decoder, color (ICC handling), scaling (reduced | full)")
     classifier: bool = Field(False, description="has a classifier head: /v1/classify works")
     defaults: dict[str, EndpointDefault] = Field(
         default_factory=dict, description="per endpoint: the policy and S a request gets when it does not say")

@@ -1,8 +1,9 @@
 """A bulk run in this process: read + hash + decode + plan in a pool of threads, feeding the library's batching.
 
 Memory stays bounded whatever the number of files: the pool works at most `ahead` files in front of
-the model (each a small working copy once planned; full-size pixels only while a worker decodes), and
-results leave for the dataset as soon as each image is done (`embed_stream`).
+the model (each a small working copy once planned; the decoded pixels, at the reduced scale its views
+allow, only while a worker decodes), and results leave for the dataset as soon as each image is done
+(`embed_stream`).
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from models import LoadedModel
 from service.bulk.dataset import Dataset, ErrorLog, Row
 from service.bulk.files import display_path, read_input
 from service.bulk.progress import Progress
-from service.core.decode import decode_image
-from service.core.embedding import EmbedOptions, ImageJob, embed_stream
+from service.core.decode import open_image
+from service.core.embedding import EmbedOptions, ImageJob, decode_job, decode_reduction, embed_stream
 from service.core.errors import ServiceError
 from service.core.options import PolicyError
 
@@ -78,9 +79,9 @@ def prepare_file(path: str, known: Mapping[str, str], model: LoadedModel, option
     if read.data is None:
         return Prepared(path, read.sha256, error=read.error)
     try:
-        image = decode_image(read.data, max_pixels=limits.max_pixels, max_side=limits.max_side,
-                             label=display_path(path))
-        return Prepared(path, read.sha256, job=ImageJob(image, options, model))
+        image = open_image(read.data, max_pixels=limits.max_pixels, max_side=limits.max_side, label=display_path(path))
+        job = decode_job(image, options, model, decode_reduction(image, options, model))
+        return Prepared(path, read.sha256, job=job)
     except ServiceError as exc:
         return Prepared(path, read.sha256, error=(exc.type, exc.message))
     except PolicyError as exc:

@@ -12,13 +12,15 @@ check, and silently lowered any larger setting; ours runs at the same point, fro
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 import torch
-from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, UnidentifiedImageError
 
 from service.core.errors import InvalidImage, PayloadTooLarge
 from service.core.precheck import check_structure
@@ -33,41 +35,121 @@ _SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 _PROFILE_MODES = {"RGB ": "RGB", "CMYK": "CMYK", "GRAY": "L"}
 
 
-def decode_image(data: bytes, *, max_pixels: int, max_side: int, label: str = "image",
-                 jpeg_device: torch.device | None = None, icc_to_srgb: bool = True) -> torch.Tensor:
-    """Decode one image; raises InvalidImage (400) or PayloadTooLarge (413) naming `label`.
+class OpenedImage:
+    """An image opened from its header once: format, size and orientation known, its size checked against the
+    caps, no pixel decoded yet. The service plans the views from `size`, charges `decoded_pixels` of the
+    reduction they allow against its pixel budget, then `decode`s it at that reduction.
 
-    With `jpeg_device` (the service passes its CUDA device), JPEGs that need no pixel work beyond decoding
-    (see `device_decodable`) are decoded by torchvision there (nvJPEG on CUDA) and the tensor comes back on
-    that device; the checks above still run first, and any JPEG torchvision refuses takes the Pillow path.
-    `icc_to_srgb`: convert an embedded ICC profile to sRGB (relative colorimetric); a profile lcms cannot
-    read is ignored (the pixels are taken as sRGB, as browsers do).
+    `width`, `height`: the upright size (after EXIF orientation), the size the views are planned on.
     """
+
+    def __init__(self, image: Image.Image, data: bytes, label: str) -> None:
+        self.image = image
+        self.data = data
+        self.label = label
+        self.stored = image.size  # as the pixels are stored, before orientation
+        # Pillow finds a PNG's eXIf chunk placed after the pixels only by decoding them all: a header-only
+        # read ignores it (as browsers do), and the decode applies this same orientation.
+        late_exif = image.format == "PNG" and "exif" not in image.info
+        self.orientation = 1 if late_exif else exif_orientation(image)
+        width, height = self.stored
+        self.width, self.height = (height, width) if self.orientation >= 5 else (width, height)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.width, self.height
+
+    def reduction(self, min_scale: float) -> int:
+        """The largest denominator (8, 4, 2 or 1) this file can be decoded at in the codec itself whose every side
+        is still at least `min_scale` of the full one: JPEG's DCT scaling (libjpeg-turbo decodes only the low
+        frequencies of each block). 1 for formats without a reduced decode."""
+        if self.image.format != "JPEG":
+            return 1
+        return next((d for d in JPEG_REDUCTIONS if 1 / d >= min_scale), 1)
+
+    def decoded_pixels(self, reduction: int = 1) -> int:
+        """Pixels a decode at `reduction` holds: what the pixel budget charges."""
+        width, height = self.stored
+        return -(-width // reduction) * -(-height // reduction)
+
+    def decode(self, reduction: int = 1, *, jpeg_device: torch.device | None = None,
+               icc_to_srgb: bool = True) -> torch.Tensor:
+        """The pixels, uint8 (3, H, W) upright RGB, decoded at 1/`reduction` of the size on each side (rounded
+        up, as libjpeg does); raises InvalidImage (400) naming the label.
+
+        With `jpeg_device` (the service passes its CUDA device), JPEGs that need no pixel work beyond decoding
+        (see `device_decodable`) are decoded by torchvision there (nvJPEG on CUDA) at full size and the tensor
+        comes back on that device; any JPEG torchvision refuses takes the Pillow path. `icc_to_srgb`: convert
+        an embedded ICC profile to sRGB (relative colorimetric); a profile lcms cannot read is ignored (the
+        pixels are taken as sRGB, as browsers do).
+        """
+        image, label = self.image, self.label
+        with _decode_errors(label):
+            if jpeg_device is not None and device_decodable(image, icc_to_srgb=icc_to_srgb):
+                decoded = _decode_jpeg_on(self.data, jpeg_device)
+                # Only the stored shape: an orientation-tagged file never gets here (see device_decodable).
+                if decoded is not None and tuple(decoded.shape[1:]) == (self.stored[1], self.stored[0]):
+                    return decoded
+            if reduction > 1:
+                width, height = self.stored
+                image.draft(image.mode, (width // reduction, height // reduction))
+            expected = image.size
+            image.load()
+            # keeps `info`, the ICC profile with it; only when there is something to turn (else it copies)
+            upright = image.transpose(_UPRIGHT[self.orientation]) if self.orientation != 1 else image
+            rgb = to_rgb(to_srgb(upright) if icc_to_srgb else upright)
+            if rgb.size not in (expected, expected[::-1]):  # a header that lied about the size
+                raise InvalidImage(f"{label} decoded to {rgb.size[0]}x{rgb.size[1]}, not its header's size")
+        # (3, H, W) over the decoder's H×W×3 pixels, not repacked: the renderer reads this interleaved layout
+        # fastest (see `pixel_interleaved`), and one copy less per image.
+        return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)
+
+
+# EXIF orientation → the transpose that makes the pixels upright (as ImageOps.exif_transpose; `info` is kept).
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
+# JPEG's DCT-domain scalings (libjpeg-turbo also has 3/8, 5/8, ..., Pillow's `draft` asks only for these).
+JPEG_REDUCTIONS = (8, 4, 2)
+
+
+def open_image(data: bytes, *, max_pixels: int, max_side: int, label: str = "image") -> OpenedImage:
+    """Check the bytes' structure and open the header (no pixel decoded); raises InvalidImage (400) or
+    PayloadTooLarge (413) naming `label` for what `decode` would refuse before decoding."""
     if not data:
         raise InvalidImage(f"{label} is empty")
     check_structure(data, label)
+    with _decode_errors(label):
+        image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+        width, height = image.size
+        _check_size(width, height, max_pixels=max_pixels, max_side=max_side, label=label)
+        return OpenedImage(image, data, label)
+
+
+def decode_image(data: bytes, *, max_pixels: int, max_side: int, label: str = "image",
+                 jpeg_device: torch.device | None = None, icc_to_srgb: bool = True) -> torch.Tensor:
+    """Decode one image at full size; raises InvalidImage (400) or PayloadTooLarge (413) naming `label`.
+    (`open_image`, then `OpenedImage.decode`.)"""
+    opened = open_image(data, max_pixels=max_pixels, max_side=max_side, label=label)
+    return opened.decode(jpeg_device=jpeg_device, icc_to_srgb=icc_to_srgb)
+
+
+def image_size(data: bytes, *, max_pixels: int, max_side: int, label: str = "image") -> tuple[int, int]:
+    """(width, height) as stored in the header, after the checks `decode_image` runs before decoding."""
+    return open_image(data, max_pixels=max_pixels, max_side=max_side, label=label).stored
+
+
+@contextlib.contextmanager
+def _decode_errors(label: str) -> Iterator[None]:
+    """Pillow's many ways of failing on a bad file → InvalidImage or PayloadTooLarge naming `label`."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # in case a caller re-enabled Pillow's
-            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-            width, height = image.size
-            _check_size(width, height, max_pixels=max_pixels, max_side=max_side, label=label)
-            if jpeg_device is not None and device_decodable(image, icc_to_srgb=icc_to_srgb):
-                decoded = _decode_jpeg_on(data, jpeg_device)
-                # Only the stored shape: an orientation-tagged file never gets here (see device_decodable).
-                if decoded is not None and tuple(decoded.shape[1:]) == (height, width):
-                    return decoded
-            image.load()
-            # keeps `info`, the ICC profile with it; only when there is something to turn (else it copies)
-            upright = ImageOps.exif_transpose(image) if exif_orientation(image) != 1 else image
-            rgb = to_rgb(to_srgb(upright) if icc_to_srgb else upright)
-            if rgb.size not in ((width, height), (height, width)):  # a header that lied about the size
-                raise InvalidImage(f"{label} decoded to {rgb.size[0]}x{rgb.size[1]}, not its header's size")
+            yield
     except (PayloadTooLarge, InvalidImage):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise PayloadTooLarge(f"{label} has too many pixels (a decompression bomb?); "
-                              f"at most {max_pixels} pixels are allowed") from exc
+        raise PayloadTooLarge(f"{label} has too many pixels (a decompression bomb?)") from exc
     except UnidentifiedImageError as exc:
         raise InvalidImage(
             f"{label} is not a decodable image of an allowed format ({', '.join(ALLOWED_FORMATS)})"
@@ -78,32 +160,6 @@ def decode_image(data: bytes, *, max_pixels: int, max_side: int, label: str = "i
         raise
     except Exception as exc:  # Pillow's parsers raise others on crafted files (fuzzing found a TypeError in TIFF)
         raise InvalidImage(f"{label} could not be decoded (malformed)") from exc
-    # (3, H, W) over the decoder's H×W×3 pixels, not repacked: the renderer reads this interleaved layout
-    # fastest (see `pixel_interleaved`), and one copy less per image.
-    return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)
-
-
-def image_size(data: bytes, *, max_pixels: int, max_side: int, label: str = "image") -> tuple[int, int]:
-    """(width, height) from the header, after the checks `decode_image` runs before decoding (same errors).
-
-    Cheap (no pixel is decoded): the service reserves the image's pixels against its budget with it first.
-    """
-    if not data:
-        raise InvalidImage(f"{label} is empty")
-    check_structure(data, label)
-    try:
-        with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as image:
-            width, height = image.size
-    except UnidentifiedImageError as exc:
-        raise InvalidImage(
-            f"{label} is not a decodable image of an allowed format ({', '.join(ALLOWED_FORMATS)})"
-        ) from exc
-    except MemoryError:
-        raise
-    except Exception as exc:  # a header Pillow's parsers choke on: decode_image would refuse it too
-        raise InvalidImage(f"{label} could not be decoded (malformed header)") from exc
-    _check_size(width, height, max_pixels=max_pixels, max_side=max_side, label=label)
-    return width, height
 
 
 def exif_orientation(image: Image.Image) -> int:

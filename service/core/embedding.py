@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from models import LoadedModel
+from service.core.decode import OpenedImage
 from service.core.options import PolicyError, check_seed, samples_for
 from service.core.policies import Policy, View, check_image, make_policy
 from service.core.reduce import RunningStats, l2_normalize
@@ -27,6 +28,7 @@ from service.core.render import (
     render_view,
     render_views_on_device,
     shrink_for_views,
+    views_scale,
 )
 
 log = logging.getLogger("metta.embedding")
@@ -53,6 +55,28 @@ class EmbedOptions:
         check_seed(self.seed)
 
 
+# Every view keeps at least twice its output size in source pixels: the antialiased resize then does the final
+# filtering. JPEG's 1/8 decode is one DC value per block (a box filter): with no margin it took 12 MP
+# photos with fine detail to cosine 0.9987 of the full decode, with this one ≥ 0.9996 (docs/benchmarks.md).
+REDUCED_DECODE_MARGIN = 2.0
+
+
+def decode_reduction(opened: OpenedImage, options: EmbedOptions, model: LoadedModel) -> int:
+    """The reduced decode (1/1, 1/2, 1/4, 1/8 per side) an image's views allow: planned on its header's
+    upright size, every view keeps at least twice its output size in source pixels (see `views_scale`). The
+    views of a larger S include those of a smaller one (plans are prefix-stable), so an S not known yet
+    may ask with its upper bound."""
+    views = options.policy.plan(opened.height, opened.width, options.samples, options.seed, model.spec.preprocess)
+    return opened.reduction(views_scale(views) * REDUCED_DECODE_MARGIN)
+
+
+def decode_job(opened: OpenedImage, options: EmbedOptions, model: LoadedModel, reduction: int, *,
+               jpeg_device: torch.device | None = None, icc_to_srgb: bool = True) -> ImageJob:
+    """Decode an opened image at `reduction` and plan its views on the full-size picture."""
+    image = opened.decode(reduction, jpeg_device=jpeg_device, icc_to_srgb=icc_to_srgb)
+    return ImageJob(image, options, model, planned=(opened.height, opened.width))
+
+
 @dataclass
 class ImageResult:
     embedding: np.ndarray  # (dim,) float32
@@ -63,18 +87,21 @@ class ImageResult:
 class ImageJob:
     """One image's planned views, how many have been handed out, and the statistics of those done."""
 
-    def __init__(self, image: torch.Tensor, options: EmbedOptions, model: LoadedModel) -> None:
+    def __init__(self, image: torch.Tensor, options: EmbedOptions, model: LoadedModel,
+                 planned: tuple[int, int] | None = None) -> None:
+        """`planned`: the (height, width) to plan the views on when `image` is a reduced decode of a larger
+        picture (`decode_reduction`); the views and the working copy are those of the full-size picture."""
         check_image(image)
         self.options = options
-        self.views: list[View] = options.policy.plan(
-            int(image.shape[1]), int(image.shape[2]), options.samples, options.seed, model.spec.preprocess
-        )
+        height, width = planned or (int(image.shape[1]), int(image.shape[2]))
+        self.views: list[View] = options.policy.plan(height, width, options.samples, options.seed,
+                                                     model.spec.preprocess)
         self.handed_out = 0
         self.stats = RunningStats(model.dim)
         # The decoded image itself is not kept, only a working copy of the pixels its views read: downscaled
         # once when every view allows it, then cut to the bounding box of the views' boxes.
         working = image if model.device.type == "cuda" else pixel_interleaved(image)
-        small, small_views = shrink_for_views(working, self.views, model.spec.preprocess)
+        small, small_views = shrink_for_views(working, self.views, model.spec.preprocess, (height, width))
         self.source, self.render_views = crop_to_views(small, small_views)
         if model.device.type == "cuda" and self.source.device.type == "cpu":
             # One host→device copy per image (none when the JPEG was decoded there); views are made on the GPU.

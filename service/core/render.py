@@ -67,18 +67,31 @@ def flip_width(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.flip(-1)
 
 
-def shrink_for_views(image: torch.Tensor, views: list[View], preprocess: Preprocess) -> tuple[torch.Tensor, list[View]]:
+def views_scale(views: Sequence[View]) -> float:
+    """The fraction of the image's resolution its views need: output pixels per source pixel of the view that
+    needs the most (1 or more: full resolution)."""
+    return max(view.size / min(view.height, view.width) for view in views)
+
+
+def shrink_for_views(image: torch.Tensor, views: list[View], preprocess: Preprocess,
+                     planned: tuple[int, int] | None = None) -> tuple[torch.Tensor, list[View]]:
     """Downscale the image once so no view needs more than ~1 source pixel per output pixel.
 
     A 500×375 photo's center box (328 px) is resized to 224 px anyway; resizing the whole image
     once (to 341×256 here, exactly the classic Resize(256) step) makes every later crop cheaper,
     and for large photos it is most of the saving. Returns the working image and the views mapped
     onto it; images whose views all need full resolution come back unchanged.
+
+    `planned`: the (height, width) the views were planned on, when `image` is a reduced decode of it (a JPEG
+    decoded at 1/2, 1/4 or 1/8 scale): the working copy and the mapped views are the same size and boxes as
+    from the full decode, only resampled from fewer source pixels.
     """
-    height, width = int(image.shape[1]), int(image.shape[2])
-    factor = max(view.size / min(view.height, view.width) for view in views)
-    if factor >= _SHRINK_WORTH_IT:
+    height, width = planned or (int(image.shape[1]), int(image.shape[2]))
+    reduced = (height, width) != (int(image.shape[1]), int(image.shape[2]))
+    factor = views_scale(views)
+    if factor >= _SHRINK_WORTH_IT and not reduced:
         return image, views
+    factor = min(factor, 1.0)
     # Shorter side first, the longer one as torchvision's Resize(int) derives it (truncated).
     short, long = min(height, width), max(height, width)
     new_short = max(1, round(short * factor))

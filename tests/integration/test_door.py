@@ -13,7 +13,7 @@ import pytest
 import service.api.app
 from models import ModelOptions, create_model
 from service.api.app import create_app
-from service.core.decode import decode_image, image_size
+from service.core.decode import OpenedImage, open_image
 from service.settings import Settings
 from tests.integration.conftest import TEST_SETTINGS, ControlledModel, png_bytes, serve
 
@@ -35,18 +35,20 @@ def slow_decoder(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Images starting with b'slow!' take 2 s to decode (a costly file that passes every pre-check)."""
     started = {"slow": 0}
 
-    def decode(data: bytes, **kwargs: object) -> object:
+    def open_slow(data: bytes, **kwargs: object) -> OpenedImage:  # the header is the real image's
+        opened = open_image(data.removeprefix(b"slow!"), **kwargs)  # type: ignore[arg-type]
         if data.startswith(b"slow!"):
-            started["slow"] += 1
-            time.sleep(2.0)
-            data = data[5:]
-        return decode_image(data, **kwargs)  # type: ignore[arg-type]
+            decode = opened.decode
 
-    def size(data: bytes, **kwargs: object) -> object:  # the header read before decoding: the real image's
-        return image_size(data.removeprefix(b"slow!"), **kwargs)  # type: ignore[arg-type]
+            def slow_decode(*args: object, **options: object) -> object:
+                started["slow"] += 1
+                time.sleep(2.0)
+                return decode(*args, **options)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(service.api.app, "decode_image", decode)
-    monkeypatch.setattr(service.api.app, "image_size", size)
+            opened.decode = slow_decode  # type: ignore[method-assign, assignment]
+        return opened
+
+    monkeypatch.setattr(service.api.app, "open_image", open_slow)
     return started
 
 

@@ -1,0 +1,103 @@
+"""Decoding at the scale the views need: a large JPEG is decoded at 1/2, 1/4 or 1/8 in the DCT domain, its
+views keep the full picture's geometry, and their pixels stay close to the full decode's."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models import create_model
+from models.loaded import fingerprint
+from service.core.decode import open_image
+from service.core.embedding import EmbedOptions, ImageJob, decode_job, decode_reduction
+from service.core.policies import make_policy
+from service.core.render import render_view
+from tests.unit.test_decode import LIMITS, encode
+
+
+@pytest.fixture(scope="module")
+def model():  # type: ignore[no-untyped-def]
+    return create_model("sleep:0")  # no weights, the default model's preprocessing (224 px views)
+
+
+def detailed(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A smooth picture with fine detail at full resolution (noise, a 3-px grating): something to lose."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([x / width * 200, y / height * 200, (x + y) / (width + height) * 255], axis=-1)
+    base += 30 * np.sin(2 * np.pi * x / 3.0)[..., None] * (y < height / 3)[..., None]
+    base += rng.normal(0, 6, base.shape)
+    return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def large_jpeg() -> bytes:
+    return encode(detailed(3000, 2250), "JPEG", quality=92, subsampling="4:2:0")
+
+
+def options(policy: str, samples: int) -> EmbedOptions:
+    return EmbedOptions(samples, make_policy(policy), seed=3)
+
+
+@pytest.mark.parametrize("policy, samples, reduction", [("multiscale", 3, 4), ("center", 1, 4), ("crop_flip", 10, 2),
+                                                         ("crop_flip", 32, 2)])
+def test_a_large_jpeg_is_decoded_at_the_scale_its_views_need(large_jpeg: bytes, model, policy: str,  # type: ignore[no-untyped-def]
+                                                              samples: int, reduction: int) -> None:
+    opened = open_image(large_jpeg, **LIMITS)
+    assert opened.size == (3000, 2250)
+    assert decode_reduction(opened, options(policy, samples), model) == reduction
+    decoded = opened.decode(reduction)
+    assert tuple(decoded.shape) == (3, -(-2250 // reduction), -(-3000 // reduction))
+    assert opened.decoded_pixels(reduction) == decoded.shape[1] * decoded.shape[2]  # what the budget charges
+
+
+@pytest.mark.parametrize("policy, samples", [("multiscale", 6), ("center", 1), ("crop_flip", 10)])
+def test_the_views_keep_the_full_decodes_geometry_and_nearly_its_pixels(large_jpeg: bytes, model,  # type: ignore[no-untyped-def]
+                                                                        policy: str, samples: int) -> None:
+    full = ImageJob(open_image(large_jpeg, **LIMITS).decode(), options(policy, samples), model)
+    opened = open_image(large_jpeg, **LIMITS)
+    reduced = decode_job(opened, options(policy, samples), model, decode_reduction(opened, options(policy, samples),
+                                                                                    model))
+    assert reduced.views == full.views and reduced.render_views == full.render_views  # same plan, same boxes
+    assert reduced.source.shape == full.source.shape
+    preprocess = model.spec.preprocess
+    for view in full.render_views:
+        a = render_view(full.source, view, preprocess).to(torch.float32)
+        b = render_view(reduced.source, view, preprocess).to(torch.float32)
+        assert (a - b).abs().mean() < 2.0  # levels of 255: the DCT-domain downscale is a slightly other filter
+
+
+def test_an_exif_rotated_jpeg_is_planned_upright_and_decoded_upright_at_a_reduced_scale(model) -> None:  # type: ignore[no-untyped-def]
+    upright = detailed(2250, 3000, seed=1)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode(upright.transpose(Image.Transpose.ROTATE_90), "JPEG", quality=92, exif=exif.tobytes())
+    opened = open_image(data, **LIMITS)
+    assert opened.stored == (3000, 2250) and opened.size == (2250, 3000)
+    reduction = decode_reduction(opened, options("multiscale", 3), model)
+    assert reduction == 4
+    decoded = opened.decode(reduction)
+    assert tuple(decoded.shape) == (3, 750, 563)
+    plain = open_image(encode(upright, "JPEG", quality=92), **LIMITS).decode(reduction)
+    assert (decoded.to(torch.float32) - plain.to(torch.float32)).abs().mean() < 4.0
+
+
+def test_small_photos_and_formats_without_a_reduced_decode_are_decoded_whole(large_jpeg: bytes, model) -> None:  # type: ignore[no-untyped-def]
+    png = encode(Image.open(io.BytesIO(large_jpeg)), "PNG", compress_level=1)
+    assert decode_reduction(open_image(png, **LIMITS), options("multiscale", 3), model) == 1
+    small = encode(detailed(500, 375), "JPEG", quality=90)
+    assert decode_reduction(open_image(small, **LIMITS), options("multiscale", 3), model) == 1
+
+
+def test_the_decode_scaling_is_part_of_the_fingerprint(model) -> None:  # type: ignore[no-untyped-def]
+    spec = model.spec
+    assert fingerprint("sha", spec, "float32", "eager", scaling="full") != fingerprint("sha", spec, "float32", "eager")
+    model.set_decoding(jpeg_decoder="pillow", color="icc-srgb", scaling="full")
+    assert model.decoding == {"jpeg_decoder": "pillow", "color": "icc-srgb", "scaling": "full"}
+    full = model.fingerprint
+    model.set_decoding(jpeg_decoder="pillow", color="icc-srgb")
+    assert model.fingerprint != full and model.decoding["scaling"] == "reduced"
