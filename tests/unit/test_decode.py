@@ -185,7 +185,7 @@ def test_any_other_parser_error_is_an_invalid_image(monkeypatch: pytest.MonkeyPa
     def broken(image: Image.Image) -> Image.Image:
         raise TypeError("'float' object cannot be interpreted as an integer")
 
-    monkeypatch.setattr("service.core.decode.ImageOps.exif_transpose", broken)
+    monkeypatch.setattr("service.core.decode.to_rgb", broken)
     with pytest.raises(InvalidImage, match="malformed"):
         decode_image(encode(Image.fromarray(gradient()), "TIFF"), **LIMITS)
 
