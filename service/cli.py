@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="metta", description="MeTTA mean embeddings without a server.")
     commands = parser.add_subparsers(dest="command", required=True)
     embed_cmd = commands.add_parser("embed", help="embed image files and folders (--out OUT.parquet: a dataset)")
-    embed_cmd.add_argument("images", nargs="+", type=Path)
+    embed_cmd.add_argument("images", nargs="*", metavar="PATH_OR_URI",
+                           help="files, folders, globs, or URIs such as s3://bucket/prefix")
     embed_cmd.add_argument("--samples", type=int, default=None, help="views per image (default: the setting)")
     embed_cmd.add_argument("--policy", default=None, choices=POLICY_NAMES)
     embed_cmd.add_argument("--seed", type=int, default=0)

@@ -28,9 +28,10 @@ from typing import TYPE_CHECKING
 from pydantic import ValidationError
 
 from service.bulk.dataset import PART_ROWS, Dataset, ErrorLog, OutputError, RunSettings, errors_path
-from service.bulk.files import Inputs, UsageError, display_path, find_images, read_input
+from service.bulk.files import Inputs, UsageError, display_path, read_input
 from service.bulk.lock import output_lock
 from service.bulk.progress import Progress
+from service.bulk.sources import find_inputs
 from service.core.options import PolicyError, check_seed, samples_for
 from service.settings import Settings
 
@@ -53,9 +54,19 @@ def add_bulk_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, default=4, help="with --server: requests in flight")
     parser.add_argument("--part-rows", type=int, default=PART_ROWS,
                         help=f"rows per part file, 1 to {PART_ROWS} (a kill redoes at most one part)")
+    parser.add_argument("--list", action="append", default=None, metavar="FILE",
+                        help="a listing of inputs: .txt (one per line), .csv or .parquet (a `path` column)")
+    parser.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                        help="run on a Ray cluster (ADDRESS, else $RAY_ADDRESS, else a new local one); "
+                             "needs metta-serve[ray]")
+    parser.add_argument("--actors", type=int, default=None,
+                        help="with --ray: model actors (default: one per GPU, else the CPUs / --actor-threads)")
+    parser.add_argument("--actor-threads", type=int, default=None,
+                        help="with --ray on CPUs: threads (and CPUs reserved) per actor (default 1)")
 
 
-_DATASET_ONLY = ("glob", "workers", "server", "api_key_file", "images_per_request", "dispersion", "overwrite")
+_DATASET_ONLY = ("glob", "workers", "server", "api_key_file", "images_per_request", "dispersion", "overwrite", "list",
+                 "ray", "actors", "actor_threads")
 
 
 def writes_dataset(args: argparse.Namespace) -> bool:
@@ -91,6 +102,14 @@ def dataset_command(args: argparse.Namespace) -> int:
         raise UsageError("--workers, --concurrency and --images-per-request must be at least 1")
     if not 1 <= args.part_rows <= PART_ROWS:
         raise UsageError(f"--part-rows must be in [1, {PART_ROWS}]")
+    if (args.actors or 1) < 1 or (args.actor_threads or 1) < 1:
+        raise UsageError("--actors and --actor-threads must be at least 1")
+    if not args.images and not args.list:
+        raise UsageError("nothing to embed: name files, folders, globs or URIs, or --list FILE")
+    if args.ray is not None:
+        if args.server is not None:
+            raise UsageError("--ray and --server are two ways to run the job: choose one")
+        return _ray(args, settings, Path(args.out), policy, samples)
     if args.server is not None:
         return _remote(args, Path(args.out), policy, samples, workers)
     return _local(args, settings, Path(args.out), policy, samples, workers)
@@ -124,10 +143,12 @@ def _views(args: argparse.Namespace, settings: Settings, *, max_samples: int,
     return policy, samples
 
 
-def _inputs(args: argparse.Namespace) -> Inputs:
-    inputs = find_images([str(path) for path in args.images], getattr(args, "glob", None))
+def _inputs(args: argparse.Namespace, find: Callable[..., Inputs] = find_inputs) -> Inputs:
+    """The run's inputs (`find`: sources.find_inputs here, or the same as a task on a Ray cluster)."""
+    inputs = find([str(path) for path in args.images], getattr(args, "glob", None), args.list or ())
     if not inputs.files and not inputs.skipped:
-        raise UsageError("no image files found in " + " ".join(display_path(str(p)) for p in args.images))
+        named = [*map(str, args.images), *(args.list or ())]
+        raise UsageError("no image files found in " + " ".join(display_path(p) for p in named))
     return inputs
 
 
@@ -210,6 +231,40 @@ def _remote(args: argparse.Namespace, out: Path, policy: str, samples: int, work
         return FAILED
 
 
+def _ray(args: argparse.Namespace, settings: Settings, out: Path, policy: str, samples: int) -> int:
+    try:
+        from service.bulk import raydata
+    except ImportError:
+        raise UsageError("--ray needs Ray: pip install 'metta-serve[ray]'") from None
+    from models import ModelOptions
+    from service.bulk.local import DecodeLimits
+
+    raydata.connect(args.ray or None)
+    try:
+        placement = raydata.Placement.for_cluster(args.actors, args.actor_threads)
+        device = args.device or ("cuda" if placement.gpus else "cpu")
+        options = ModelOptions(device=device, dtype=settings.dtype, mode=settings.mode, weights=settings.weights,
+                               random_weights=settings.random_weights,
+                               threads=None if placement.gpus else placement.threads)
+        spec = raydata.EmbedSpec(settings.model, options, policy, samples, args.seed, args.normalize, args.variance,
+                                 args.dispersion, DecodeLimits(settings.max_image_pixels, settings.max_image_side,
+                                                               settings.max_body_bytes),
+                                 settings.batching(device.split(":")[0]).max_batch_crops)
+        name, fingerprint, dim, input_size = raydata.describe_model(spec, placement)
+        _views(args, settings, max_samples=settings.max_samples, input_size=input_size)
+        inputs = _inputs(args, raydata.list_on_cluster)
+        run = RunSettings(name, fingerprint, policy, samples, args.seed, args.normalize, args.variance,
+                          args.dispersion)
+        with _session(out, run, dim, inputs, args) as (dataset, errors, progress):
+            raydata.run_ray(inputs.files, dataset, errors, progress, spec=spec, placement=placement)
+        return _exit_code(dataset, progress)
+    except raydata.Incomplete as exc:
+        print(f"metta embed: {exc}", file=sys.stderr)
+        return FAILED
+    finally:
+        raydata.disconnect()
+
+
 @contextmanager
 def _session(out: Path, run: RunSettings, dim: int, inputs: Inputs, args: argparse.Namespace, *,
              retried: Callable[[], int] = lambda: 0) -> Iterator[tuple[Dataset, ErrorLog, Progress]]:
@@ -248,6 +303,8 @@ def _array_command(args: argparse.Namespace) -> int:
     from service.core.embedding import embed
     from service.core.errors import ServiceError
 
+    if not args.images:
+        raise UsageError("name the image files to embed")
     settings = _settings(args)
     policy, samples = _views(args, settings, max_samples=settings.max_samples, input_size=None)
     model = _load_model(settings)

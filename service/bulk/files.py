@@ -148,6 +148,11 @@ def read_input(path: str, known: Mapping[str, str], max_bytes: int) -> InputFile
     if info.st_size > max_bytes or len(data) > max_bytes:
         return InputFile(path, error=(TOO_LARGE, f"{display_path(path)}: larger than the {max_bytes}-byte body "
                                                  "limit (--max-body-bytes)"))
+    return hashed_input(path, data, known)
+
+
+def hashed_input(path: str, data: bytes, known: Mapping[str, str]) -> InputFile:
+    """The input with its sha256; its bytes only when the dataset does not hold this content for `path`."""
     sha256 = hashlib.sha256(data).hexdigest()
     if known.get(path) == sha256:
         return InputFile(path, sha256)

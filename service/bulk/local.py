@@ -16,8 +16,9 @@ from typing import TypeVar
 
 from models import LoadedModel
 from service.bulk.dataset import Dataset, ErrorLog, Row
-from service.bulk.files import display_path, read_input
+from service.bulk.files import display_path
 from service.bulk.progress import Progress
+from service.bulk.sources import read_source
 from service.core.decode import open_image
 from service.core.embedding import EmbedOptions, ImageJob, decode_job, decode_reduction, embed_stream
 from service.core.errors import ServiceError
@@ -75,17 +76,24 @@ def prepare_file(path: str, known: Mapping[str, str], model: LoadedModel, option
                  limits: DecodeLimits) -> Prepared:
     """Read and hash the file; unless the dataset has it as it is now, decode it and plan its views (off the
     main thread)."""
-    read = read_input(path, known, limits.max_bytes)
+    read = read_source(path, known, limits.max_bytes)
     if read.data is None:
         return Prepared(path, read.sha256, error=read.error)
+    return prepare_bytes(path, read.sha256, read.data, model, options, limits)
+
+
+def prepare_bytes(path: str, sha256: str, data: bytes, model: LoadedModel, options: EmbedOptions,
+                  limits: DecodeLimits) -> Prepared:
+    """Decode the image at the scale its views need and plan them, or say why it is bad (every runner's step
+    from an input's bytes to a job)."""
     try:
-        image = open_image(read.data, max_pixels=limits.max_pixels, max_side=limits.max_side, label=display_path(path))
+        image = open_image(data, max_pixels=limits.max_pixels, max_side=limits.max_side, label=display_path(path))
         job = decode_job(image, options, model, decode_reduction(image, options, model))
-        return Prepared(path, read.sha256, job=job)
+        return Prepared(path, sha256, job=job)
     except ServiceError as exc:
-        return Prepared(path, read.sha256, error=(exc.type, exc.message))
+        return Prepared(path, sha256, error=(exc.type, exc.message))
     except PolicyError as exc:
-        return Prepared(path, read.sha256, error=("invalid_image", f"{display_path(path)}: {exc}"))
+        return Prepared(path, sha256, error=("invalid_image", f"{display_path(path)}: {exc}"))
 
 
 def ordered_map(pool: ThreadPoolExecutor, work: Callable[[T], R], items: Iterable[T], *,

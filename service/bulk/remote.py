@@ -16,8 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 
 from service.bulk.dataset import Dataset, ErrorLog, Row
-from service.bulk.files import InputFile, UsageError, display_path, read_input
+from service.bulk.files import InputFile, UsageError, display_path
 from service.bulk.progress import Progress
+from service.bulk.sources import read_source
 from service.client import AsyncClient, MettaError, request_capacity, upload_size
 
 _PER_IMAGE_REFUSALS = (400, 413, 415)  # the image's fault: skip it, go on
@@ -103,11 +104,11 @@ async def run_remote(files: list[str], dataset: Dataset, errors: ErrorLog, progr
 
 async def _read_ahead(pool: ThreadPoolExecutor, files: list[str], known: Mapping[str, str], max_bytes: int, *,
                       ahead: int) -> AsyncIterator[InputFile]:
-    """read_input for every file on the pool, in order, with at most `ahead` reads in flight."""
+    """read_source for every file on the pool, in order, with at most `ahead` reads in flight."""
     loop = asyncio.get_running_loop()
     window: deque[asyncio.Future[InputFile]] = deque()
     for path in files:
-        window.append(loop.run_in_executor(pool, read_input, path, known, max_bytes))
+        window.append(loop.run_in_executor(pool, read_source, path, known, max_bytes))
         if len(window) >= ahead:
             yield await window.popleft()
     while window:

@@ -1,0 +1,317 @@
+"""A bulk run on a Ray cluster (`metta embed ... --ray [ADDRESS]`), and `embed_dataset` for a Ray Dataset of images.
+
+The job on Ray Data: listing is a Ray task and reading is Ray tasks (`map_batches` over the paths, with the
+local run's reader, `sources.read_source`); decoding and embedding run in an actor pool, one loaded model per
+actor (`num_gpus=1` each where the cluster has GPUs, CPU actors with a set thread count otherwise), through
+the library's `embed_stream`; the rows stream back to the driver, which commits them into the dataset a local
+run writes (dataset.py: the same columns, `metta.*` metadata, errors file, parts renamed into place, resume).
+
+Every input exactly once, by construction rather than by luck:
+- each listed input is one row of the Ray Dataset, carrying the sha256 the output already holds for its path,
+  so a read task knows by itself what to skip;
+- the driver is the dataset's only writer: parts get consecutive names and are renamed into place when
+  complete, so a retried task on a lost node never writes a part of its own;
+- a row whose input the driver has already taken (a retried task delivering again) is dropped on commit;
+- at the end every listed input must have come back (embedded, already present, or bad); one that did not
+  ends the run with exit 1, never a silent skip.
+Ray's own retries (tasks retried, actors restarted, lost objects rebuilt from their lineage) handle a lost
+worker or node. A killed driver ends its job; the next run resumes from the parts on disk, as a local run does.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import ray
+import ray.data
+
+from models import ModelOptions
+from service.bulk.dataset import Dataset, ErrorLog, Row
+from service.bulk.files import Inputs, UsageError
+from service.bulk.local import DecodeLimits, Prepared, ordered_map, prepare_bytes
+from service.bulk.progress import Progress
+from service.bulk.sources import find_inputs, is_uri, read_source
+from service.settings import Settings
+
+_DEFAULTS = Settings.model_fields
+READ_THREADS = 8  # reads in flight per read task: object storage answers in milliseconds, not microseconds
+EMBED_BATCH = 16  # images per call of an actor
+
+
+class Incomplete(Exception):
+    """Some inputs never came back from the cluster: exit 1 (the next run embeds them)."""
+
+
+@dataclass(frozen=True)
+class EmbedSpec:
+    """What an actor needs to build its model and embed, as plain picklable values."""
+
+    model: str
+    model_options: ModelOptions = field(default_factory=ModelOptions)
+    policy: str = str(_DEFAULTS["default_policy"].default)
+    samples: int = int(_DEFAULTS["default_samples"].default)
+    seed: int = 0
+    normalize: bool = False
+    variance: bool = False
+    dispersion: bool = False
+    limits: DecodeLimits = field(default_factory=lambda: DecodeLimits(int(_DEFAULTS["max_image_pixels"].default),
+                                                                      int(_DEFAULTS["max_image_side"].default),
+                                                                      int(_DEFAULTS["max_body_bytes"].default)))
+    max_batch_crops: int = 32
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How many actors, and what each holds: one GPU, or `threads` CPUs (its model's intra-op threads)."""
+
+    actors: int
+    gpus: int = 0  # per actor: 0 or 1
+    threads: int = 1
+
+    @staticmethod
+    def for_cluster(actors: int | None, threads: int | None) -> Placement:
+        """One actor per GPU where the cluster has GPUs; else CPU actors of `threads` threads filling its CPUs."""
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0))
+        threads = threads or 1
+        if gpus:
+            return Placement(actors or gpus, 1, threads)
+        return Placement(actors or max(1, int(resources.get("CPU", 1)) // threads), 0, threads)
+
+
+class ImageEmbedder:
+    """Ray Data's callable class for `map_batches`: one model per actor, image bytes in, embedding columns out.
+
+    Decoding runs on a few threads of the actor while its model embeds the images decoded before
+    (`ordered_map` feeding `embed_stream`), as in the local run.
+    """
+
+    def __init__(self, spec: EmbedSpec, column: str, label_column: str | None = None,
+                 fingerprint: str | None = None, decode_threads: int = 2) -> None:
+        from models import create_model
+        from service.core.embedding import EmbedOptions
+        from service.core.policies import make_policy
+
+        self.model = create_model(spec.model, spec.model_options)
+        if fingerprint is not None and self.model.fingerprint != fingerprint:
+            raise RuntimeError(f"this actor's model is {self.model.fingerprint}, the run's is {fingerprint}: "
+                               "every node must run the same image (weights, engine, device)")
+        self.spec = spec
+        self.column = column
+        self.label_column = label_column
+        self.options = EmbedOptions(spec.samples, make_policy(spec.policy), spec.seed,
+                                    return_variance=spec.variance, normalize=spec.normalize,
+                                    return_dispersion=spec.dispersion)
+        self.pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="metta-ray-decode")
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        data = batch.column(self.column).to_pylist()
+        labels = ([_text(label) for label in batch.column(self.label_column).to_pylist()] if self.label_column
+                  else [f"row {i}" for i in range(len(data))])
+        kinds = _strings(batch, "error_type", len(data))
+        messages = _strings(batch, "error", len(data))
+        spec, model = self.spec, self.model
+
+        def prepare(index: int) -> Prepared:
+            return prepare_bytes(labels[index], "", data[index], model, self.options, spec.limits)
+
+        def jobs() -> Iterator[tuple[int, object]]:
+            todo = [i for i in range(len(data)) if data[i] is not None and not kinds[i]]
+            for index, item in zip(todo, ordered_map(self.pool, prepare, todo, ahead=8), strict=True):
+                if item.job is not None:
+                    yield index, item.job
+                elif item.error is not None:
+                    kinds[index], messages[index] = item.error
+
+        from service.core.embedding import embed_stream
+
+        results = dict(embed_stream(model, jobs(), max_batch_crops=spec.max_batch_crops))  # type: ignore[arg-type]
+        dim, rows = model.dim, len(data)
+        embedded = np.array([i in results for i in range(rows)])
+        columns = {"embedding": _vector_column([r.embedding for r in results.values()], embedded, dim)}
+        if spec.variance:
+            columns["variance"] = _vector_column([r.variance for r in results.values()], embedded, dim)
+        if spec.dispersion:
+            columns["dispersion"] = pa.array([results[i].dispersion if i in results else None for i in range(rows)],
+                                             pa.float64())
+        columns["error_type"] = pa.array(kinds, pa.string())
+        columns["error"] = pa.array(messages, pa.string())
+        for name, column in columns.items():
+            if name in batch.column_names:
+                batch = batch.drop_columns([name])
+            batch = batch.append_column(name, column)
+        return batch
+
+
+def embed_dataset(ds: ray.data.Dataset, *, column: str = "bytes", model: str = str(_DEFAULTS["model"].default),
+                  policy: str = str(_DEFAULTS["default_policy"].default),
+                  samples: int = int(_DEFAULTS["default_samples"].default), seed: int = 0,
+                  normalize: bool = False, variance: bool = False, dispersion: bool = False,
+                  model_options: ModelOptions | None = None, actors: int = 1, num_gpus: int = 0,
+                  threads: int = 1, label_column: str | None = None, batch_size: int = EMBED_BATCH,
+                  fingerprint: str | None = None) -> ray.data.Dataset:
+    """`ds` with the embedding columns added, computed on an actor pool of `actors` (one model each).
+
+    `column` holds each image's encoded bytes (a null passes through untouched). Added: `embedding`
+    (fixed_size_list<float32>[dim]; null where the image could not be embedded), `variance` and `dispersion`
+    when asked, `error_type` and `error` (null, or why the image was refused: `invalid_image`, ...). Rows
+    whose `error_type` is already set are passed through. With `num_gpus=1` each actor holds one GPU and
+    its model runs there; otherwise each holds `threads` CPUs and its model uses as many threads. The
+    embeddings are `embed_stream`'s (the library's, the server's), to float32 rounding.
+    """
+    options = model_options or ModelOptions(device="cuda" if num_gpus else "cpu", threads=None if num_gpus else threads)
+    spec = EmbedSpec(model, options, policy, samples, seed, normalize, variance, dispersion)
+    return ds.map_batches(ImageEmbedder, fn_constructor_kwargs={"spec": spec, "column": column,
+                                                                "label_column": label_column,
+                                                                "fingerprint": fingerprint},
+                          batch_size=batch_size, batch_format="pyarrow",
+                          compute=ray.data.ActorPoolStrategy(size=actors),
+                          num_gpus=num_gpus or None, num_cpus=0 if num_gpus else threads)
+
+
+# ---------------------------------------------------------------------------------------------- the bulk job
+
+def disconnect() -> None:
+    ray.shutdown()
+
+
+def connect(address: str | None) -> None:
+    """Join the cluster at `address` (None: $RAY_ADDRESS, else a new one-machine cluster); quiet logs."""
+    try:
+        ray.init(address=address, log_to_driver=False, logging_level="WARNING", include_dashboard=False)
+    except (ConnectionError, ValueError, RuntimeError) as exc:
+        raise UsageError(f"--ray {address or '(local)'}: {exc}") from None
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # the run's own bar and summary line say how far it is
+    context.print_on_execution_start = False
+    context.execution_options.preserve_order = False
+
+
+def list_on_cluster(arguments: Sequence[str], pattern: str | None, listings: Sequence[str]) -> Inputs:
+    """find_inputs as a Ray task (a shared folder or a bucket as the cluster sees it, not only the driver).
+
+    Relative local paths are made absolute first: a Ray worker's working directory is not the caller's."""
+    arguments = [a if is_uri(a) else os.path.abspath(a) for a in arguments]
+    listings = [a if is_uri(a) else os.path.abspath(a) for a in listings]
+    task = ray.remote(num_cpus=0)(find_inputs)
+    try:
+        inputs = ray.get(task.remote(arguments, pattern, listings, cwd=os.getcwd()))
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, UsageError):
+            raise exc.cause from None
+        raise
+    assert isinstance(inputs, Inputs)
+    return inputs
+
+
+def describe_model(spec: EmbedSpec, placement: Placement) -> tuple[str, str, int, int]:
+    """(name, fingerprint, dim, input size) of the model as the actors load it (on their device), for the
+    dataset's metadata and the option checks."""
+    task = ray.remote(num_gpus=placement.gpus or None, num_cpus=0 if placement.gpus else placement.threads)(_describe)
+    name, fingerprint, dim, input_size = ray.get(task.remote(spec))
+    return str(name), str(fingerprint), int(dim), int(input_size)
+
+
+def _describe(spec: EmbedSpec) -> tuple[str, str, int, int]:
+    from models import create_model
+
+    model = create_model(spec.model, spec.model_options)
+    return model.name, model.fingerprint, model.dim, model.spec.preprocess.input_size
+
+
+def run_ray(files: list[str], dataset: Dataset, errors: ErrorLog, progress: Progress, *, spec: EmbedSpec,
+            placement: Placement) -> None:
+    """Embed `files` on the cluster into `dataset` (opened: its `done` says what to skip)."""
+    # Paths travel as the bytes of the name (a name that is not UTF-8 is not an Arrow string).
+    inputs = pa.table({"path": pa.array([os.fsencode(path) for path in files], pa.binary()),
+                       "have_sha256": pa.array([dataset.known.get(path, "") for path in files], pa.string())})
+    # Blocks small enough to keep every actor busy (one block is one read task, its batches go to one actor),
+    # large enough that a catalogue of millions is not millions of tasks.
+    rows_per_block = max(EMBED_BATCH, min(256, math.ceil(len(files) / (8 * placement.actors))))
+    blocks = [inputs.slice(start, rows_per_block) for start in range(0, len(files), rows_per_block)]
+    ds = ray.data.from_arrow(blocks)
+    # Reading reserves no CPU, so the actors may hold all of them; the number of read tasks at once is bounded.
+    # (A task lost with its node is retried by Ray: system failures, up to Ray's default 3 times.)
+    ds = ds.map_batches(read_batch, batch_size=None, batch_format="pyarrow", num_cpus=0,
+                        fn_kwargs={"max_bytes": spec.limits.max_bytes},
+                        compute=ray.data.TaskPoolStrategy(size=max(2, placement.actors)))
+    ds = embed_dataset(ds, column="bytes", model=spec.model, policy=spec.policy, samples=spec.samples,
+                       seed=spec.seed, normalize=spec.normalize, variance=spec.variance, dispersion=spec.dispersion,
+                       model_options=spec.model_options, actors=placement.actors, num_gpus=placement.gpus,
+                       threads=placement.threads, label_column="path", fingerprint=dataset.run.model_fingerprint)
+    ds = ds.drop_columns(["bytes", "have_sha256"])
+    seen: set[str] = set()
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        commit(batch, seen, dataset, errors, progress)
+    missing = len(files) - len(seen)
+    if missing:
+        raise Incomplete(f"{missing} of {len(files)} inputs never came back from the cluster; run again to embed them")
+
+
+def read_batch(batch: pa.Table, max_bytes: int) -> pa.Table:
+    """A read task: each path's bytes and sha256, or why it is bad; no bytes when the output already has it."""
+    paths = [os.fsdecode(path) for path in batch.column("path").to_pylist()]
+    have = batch.column("have_sha256").to_pylist()
+    with ThreadPoolExecutor(min(READ_THREADS, max(1, len(paths)))) as pool:
+        items = list(pool.map(lambda p, h: read_source(p, {p: h} if h else {}, max_bytes), paths, have))
+    return batch.append_column("sha256", pa.array([item.sha256 for item in items], pa.string())) \
+        .append_column("bytes", pa.array([item.data for item in items], pa.binary())) \
+        .append_column("error_type", pa.array([item.error[0] if item.error else None for item in items],
+                                              pa.string())) \
+        .append_column("error", pa.array([item.error[1] if item.error else None for item in items], pa.string()))
+
+
+def commit(batch: pa.Table, seen: set[str], dataset: Dataset, errors: ErrorLog, progress: Progress) -> None:
+    """The driver's side: each input's row into the dataset (or the errors file) once; repeats are dropped."""
+    paths = [os.fsdecode(path) for path in batch.column("path").to_pylist()]
+    hashes = batch.column("sha256").to_pylist()
+    kinds = batch.column("error_type").to_pylist()
+    messages = batch.column("error").to_pylist()
+    embeddings = vectors(batch.column("embedding"))
+    variances = vectors(batch.column("variance")) if dataset.run.variance else None
+    dispersions = batch.column("dispersion").to_pylist() if dataset.run.dispersion else None
+    for i, path in enumerate(paths):
+        if path in seen:
+            continue  # delivered again by a retried task: already committed
+        seen.add(path)
+        if kinds[i]:
+            errors.add(path, kinds[i], messages[i] or "")
+            progress.add_bad()
+        elif (embedding := embeddings[i]) is None:
+            progress.add_already()
+        else:
+            dataset.add(Row(path, hashes[i], embedding, variances[i] if variances else None,
+                            dispersions[i] if dispersions else None))
+            progress.add_embedded()
+
+
+def vectors(column: pa.ChunkedArray) -> list[np.ndarray | None]:
+    """A fixed_size_list<float32> column as one (dim,) array per row, None where null."""
+    out: list[np.ndarray | None] = []
+    for chunk in column.chunks:
+        out.extend(None if item is None else np.asarray(item, np.float32)
+                   for item in chunk.to_numpy(zero_copy_only=False))
+    return out
+
+
+def _text(label: str | bytes | None) -> str:
+    return os.fsdecode(label) if isinstance(label, bytes) else str(label)
+
+
+def _strings(batch: pa.Table, name: str, rows: int) -> list[str | None]:
+    return batch.column(name).to_pylist() if name in batch.column_names else [None] * rows
+
+
+def _vector_column(vectors: list[np.ndarray | None], present: np.ndarray, dim: int) -> pa.Array:
+    """(dim,) vectors for the rows where `present`, nulls elsewhere, as fixed_size_list<float32>[dim]."""
+    full = np.zeros((len(present), dim), np.float32)
+    if vectors:
+        full[present] = np.stack([v for v in vectors if v is not None])
+    return pa.FixedSizeListArray.from_arrays(pa.array(full.reshape(-1), pa.float32()), dim,
+                                             mask=pa.array(~present))
