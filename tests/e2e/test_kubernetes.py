@@ -11,6 +11,7 @@ fail under CI=true (find_tool).
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import shlex
 import subprocess
@@ -39,6 +40,7 @@ CRDS = {  # kind → the CRD file kept in schemas/
     "ScaledObject": "keda.sh_scaledobjects.yaml",
     "ServiceMonitor": "monitoring.coreos.com_servicemonitors.yaml",
     "PrometheusRule": "monitoring.coreos.com_prometheusrules.yaml",
+    "RayJob": "ray.io_rayjobs.yaml",
 }
 CORE_KINDS = {"Namespace", "Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy",
               "HorizontalPodAutoscaler"}
@@ -121,8 +123,14 @@ def _refuse_unknown_fields(schema: Any) -> Any:
     return schema
 
 
+@functools.cache
+def load_crd(name: str) -> Any:
+    # C loader where PyYAML has it: KubeRay's CRD is 1.4 MB (it embeds the pod template's schema)
+    return yaml.load((SCHEMAS / name).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
 def crd_schema(kind: str, api_version: str) -> dict[str, Any]:
-    crd = yaml.safe_load((SCHEMAS / CRDS[kind]).read_text())
+    crd = load_crd(CRDS[kind])
     group, _, version = api_version.rpartition("/")
     assert crd["spec"]["group"] == group and crd["spec"]["names"]["kind"] == kind, (kind, api_version)
     served = {v["name"]: v for v in crd["spec"]["versions"] if v.get("served")}
@@ -426,3 +434,58 @@ def test_scaling_metrics_are_exported(dummy_server: ServerProcess) -> None:
     names = {rule["name"]["as"] for rule in adapter["rules"]}
     assert names == SCALING_METRICS
     assert names <= exported, f"not exported by the service: {names - exported}"
+
+
+# ---------------------------------------------------------------------------------------------- the bulk job
+
+RAYJOB = K8S / "rayjob"
+
+
+def test_the_rayjob_renders_and_validates_against_kuberays_crd(tmp_path: Path) -> None:
+    result = kustomize(RAYJOB)
+    assert result.returncode == 0, explain(result)
+    docs = load_docs(result.stdout)
+    assert sorted(doc["kind"] for doc in docs) == ["PersistentVolumeClaim", "RayJob"]
+    for doc in docs:
+        assert doc["metadata"]["namespace"] == "metta"
+    core = [doc for doc in docs if doc["kind"] == "PersistentVolumeClaim"]
+    validated = kubernetes_validate(core, tmp_path)
+    assert validated.returncode == 0 and "passed" in validated.stdout, explain(validated)
+    job = one(docs, "RayJob")
+    assert crd_errors(job) == []
+
+
+def test_the_rayjob_runs_the_documented_command_one_model_per_gpu() -> None:
+    job = one(load_docs(kustomize(RAYJOB).stdout), "RayJob")
+    spec = job["spec"]
+    command = shlex.split(spec["entrypoint"])
+    assert command[:2] == ["metta", "embed"] and "--ray" in command
+    out = Path(command[command.index("--out") + 1])
+    assert spec["shutdownAfterJobFinishes"] is True
+    # the Ray of the image is the Ray that metta-serve[ray] pins
+    pinned = [d for d in (REPO / "pyproject.toml").read_text().splitlines() if d.strip().startswith('ray = [')]
+    assert pinned and f'=={spec["rayClusterSpec"]["rayVersion"]}"' in pinned[0]
+    head = spec["rayClusterSpec"]["headGroupSpec"]
+    assert head["rayStartParams"].get("num-cpus") == "0", "no model actor on the head"
+    (container,) = head["template"]["spec"]["containers"]
+    # the driver commits the parts: the output's folder is a mounted volume on the head
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in head["template"]["spec"]["volumes"]}
+    assert "persistentVolumeClaim" in volumes[mounts[str(out.parent)]]
+    for group in spec["rayClusterSpec"]["workerGroupSpecs"]:
+        (worker,) = group["template"]["spec"]["containers"]
+        assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert worker["image"] == container["image"]
+        assert group["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+        assert worker["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    env = env_of(container)
+    assert all("secretKeyRef" in env[name] for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"))
+
+
+@pytest.mark.parametrize(("index", "reason"), [(0, "'entrypointt' was unexpected"),
+                                               (1, "'groupName' is a required property"),
+                                               (2, "'four' is not of type 'integer'")])
+def test_broken_rayjobs_fail_the_crd(index: int, reason: str) -> None:
+    doc = load_docs((FIXTURES / "broken-rayjob.yaml").read_text())[index]
+    errors = crd_errors(doc)
+    assert any(reason in error for error in errors), errors

@@ -9,6 +9,7 @@ sleeping test backbone (no CPU, a known pace) for the kills, so the kill lands m
 from __future__ import annotations
 
 import collections
+import json
 import os
 import signal
 import subprocess
@@ -158,3 +159,37 @@ def test_objects_in_a_bucket_on_the_cluster(cluster: RayCluster, s3, tmp_path: P
     assert a.column("path").to_pylist() == b.column("path").to_pylist() == \
         [f"s3://cluster/in/p{i:04d}.jpg" for i in range(30)]
     assert a.column("sha256").equals(b.column("sha256"))
+
+
+LIBRARY_USER = """
+import json, sys
+import ray, ray.data
+from models import ModelOptions
+from service.bulk.raydata import embed_dataset
+ray.init(address=sys.argv[1], log_to_driver=False)
+ds = ray.data.read_binary_files(sys.argv[2], include_paths=True)
+ds = embed_dataset(ds, column="bytes", model="dummy", policy="crop_flip", samples=2, seed=7,
+                   model_options=ModelOptions(mode="eager"), actors=2, label_column="path")
+rows = ds.drop_columns(["bytes"]).take_all()
+print(json.dumps({r["path"].rsplit("/", 1)[1]: [r["error_type"], None if r["embedding"] is None
+                  else [float(v) for v in r["embedding"]]] for r in rows}))
+"""
+
+
+def test_embed_dataset_adds_the_local_runs_embeddings_to_a_users_dataset(cluster: RayCluster, tmp_path: Path) -> None:
+    folder = tmp_path / "photos"
+    write_photos(folder, 12)
+    (folder / "zz-broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    user = subprocess.run([sys.executable, "-c", LIBRARY_USER, cluster.address, str(folder)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, **cluster.client_env})
+    assert user.returncode == 0, user.stderr[-5000:]
+    added = json.loads(user.stdout.strip().splitlines()[-1])
+    finish(embed(str(folder), "--out", str(tmp_path / "local.parquet"), "--model", "dummy", "--mode", "eager",
+                 "--policy", "crop_flip", "--samples", "2", "--seed", "7"))
+    local = pq.read_table(tmp_path / "local.parquet")
+    assert sorted(added) == sorted([p.rsplit("/", 1)[1] for p in local.column("path").to_pylist()] + ["zz-broken.jpg"])
+    assert added["zz-broken.jpg"] == ["invalid_image", None]
+    for path, vector in zip(local.column("path").to_pylist(), local.column("embedding").to_pylist(), strict=True):
+        error, embedded = added[path.rsplit("/", 1)[1]]
+        assert error is None
+        np.testing.assert_allclose(embedded, vector, rtol=1e-5, atol=1e-6)
