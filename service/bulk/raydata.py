@@ -167,12 +167,19 @@ def embed_dataset(ds: ray.data.Dataset, *, column: str = "bytes", model: str = s
     """
     options = model_options or ModelOptions(device="cuda" if num_gpus else "cpu", threads=None if num_gpus else threads)
     spec = EmbedSpec(model, options, policy, samples, seed, normalize, variance, dispersion)
+    return _embed_on_actors(ds, spec, Placement(actors, num_gpus, threads), column=column, label_column=label_column,
+                            batch_size=batch_size, fingerprint=fingerprint)
+
+
+def _embed_on_actors(ds: ray.data.Dataset, spec: EmbedSpec, placement: Placement, *, column: str,
+                     label_column: str | None, batch_size: int = EMBED_BATCH,
+                     fingerprint: str | None = None) -> ray.data.Dataset:
     return ds.map_batches(ImageEmbedder, fn_constructor_kwargs={"spec": spec, "column": column,
                                                                 "label_column": label_column,
                                                                 "fingerprint": fingerprint},
                           batch_size=batch_size, batch_format="pyarrow",
-                          compute=ray.data.ActorPoolStrategy(size=actors),
-                          num_gpus=num_gpus or None, num_cpus=0 if num_gpus else threads)
+                          compute=ray.data.ActorPoolStrategy(size=placement.actors),
+                          num_gpus=placement.gpus or None, num_cpus=0 if placement.gpus else placement.threads)
 
 
 # ---------------------------------------------------------------------------------------------- the bulk job
@@ -227,7 +234,9 @@ def _describe(spec: EmbedSpec) -> tuple[str, str, int, int]:
 
 def run_ray(files: list[str], dataset: Dataset, errors: ErrorLog, progress: Progress, *, spec: EmbedSpec,
             placement: Placement) -> None:
-    """Embed `files` on the cluster into `dataset` (opened: its `done` says what to skip)."""
+    """Embed `files` on the cluster into `dataset` (opened: its `known` says what to skip)."""
+    if not files:
+        return
     # Paths travel as the bytes of the name (a name that is not UTF-8 is not an Arrow string).
     inputs = pa.table({"path": pa.array([os.fsencode(path) for path in files], pa.binary()),
                        "have_sha256": pa.array([dataset.known.get(path, "") for path in files], pa.string())})
@@ -241,10 +250,8 @@ def run_ray(files: list[str], dataset: Dataset, errors: ErrorLog, progress: Prog
     ds = ds.map_batches(read_batch, batch_size=None, batch_format="pyarrow", num_cpus=0,
                         fn_kwargs={"max_bytes": spec.limits.max_bytes},
                         compute=ray.data.TaskPoolStrategy(size=max(2, placement.actors)))
-    ds = embed_dataset(ds, column="bytes", model=spec.model, policy=spec.policy, samples=spec.samples,
-                       seed=spec.seed, normalize=spec.normalize, variance=spec.variance, dispersion=spec.dispersion,
-                       model_options=spec.model_options, actors=placement.actors, num_gpus=placement.gpus,
-                       threads=placement.threads, label_column="path", fingerprint=dataset.run.model_fingerprint)
+    ds = _embed_on_actors(ds, spec, placement, column="bytes", label_column="path",
+                          fingerprint=dataset.run.model_fingerprint)
     ds = ds.drop_columns(["bytes", "have_sha256"])
     seen: set[str] = set()
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
