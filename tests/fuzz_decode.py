@@ -6,9 +6,10 @@
 Run from the repository root (`make fuzz`). Not collected by pytest (not a test_*.py file): it runs for
 minutes; `tests/unit/test_decode.py` holds the short hypothesis property that `make test` runs.
 
-atheris mutates a seed corpus of small valid images of every allowed format and odd mode (written to
---corpus), guided by coverage of the Python code it instruments (Pillow's plugins and our decoder;
-Pillow's C codecs are exercised but not instrumented). Any other exception, a hang past -timeout or
+atheris mutates a seed corpus (written to --corpus) of small valid images of every allowed format and
+odd mode, and small members of each hostile family the prechecks know (`service.hostile`), guided by
+coverage of the Python code it instruments (Pillow's plugins and our decoder; Pillow's C codecs are
+exercised but not instrumented). Any other exception, a hang past -timeout or
 memory past -rss_limit_mb is a finding: libFuzzer stops and writes the input as crash-*/timeout-*/oom-*.
 """
 
@@ -29,6 +30,8 @@ LIMITS = {"max_pixels": 40_000_000, "max_side": 12_000}  # the service's default
 def seed_images() -> dict[str, bytes]:
     """One small valid file per allowed format and awkward mode: where mutations start."""
     from PIL import Image
+
+    from service import hostile
 
     rng = np.random.default_rng(0)
     rgb = Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8))
@@ -56,6 +59,18 @@ def seed_images() -> dict[str, bytes]:
     save("rgb.bmp", rgb, "BMP")
     save("rgb.tif", rgb, "TIFF", compression="tiff_lzw")
     save("f.tif", rgb.convert("F"), "TIFF")
+    save("i16.tif", Image.fromarray((np.arange(24 * 32).reshape(24, 32) * 80).astype(np.uint16)), "TIFF")
+    save("strips.tif", rgb, "TIFF", strip_size=32 * 3)
+    save("icc.png", rgb, "PNG", icc_profile=hostile.padded_profile(64))
+    # Small members of the hostile families (service.hostile): mutations explore around each amplifier.
+    out["rle8.bmp"] = hostile.bmp_rle8(np.asarray(rgb.convert("L")) // 32 * 32)
+    out["rle8-bomb.bmp"] = hostile.bmp_rle8_bomb(3_000, 40)
+    out["profiles.png"] = hostile.png_many_profiles(3, 10_000)
+    out["ztxt.png"] = hostile.png_many_compressed_texts(3, 10_000)
+    out["anim.png"] = hostile.apng(12, (32, 24))
+    out["comments.gif"] = hostile.gif_many_comments(300)
+    out["strips-over.tif"] = hostile.tiff_many_strips(500)
+    out["float-flat.tif"] = hostile.float_tiff(640, 480)
     return out
 
 
@@ -91,7 +106,7 @@ def run_atheris(seconds: int, corpus: Path, extra: list[str]) -> None:
 
 
 def run_hypothesis(seconds: int) -> None:
-    from hypothesis import HealthCheck, given, settings
+    from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import strategies as st
 
     seeds = list(seed_images().values())
@@ -107,7 +122,10 @@ def run_hypothesis(seconds: int) -> None:
 
     started = time.monotonic()
 
-    @settings(max_examples=10**9, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    # Generate only: the stop signal (_Done) is not a finding to shrink or replay (a replay can land before
+    # the time is up and hypothesis then reports a flaky failure).
+    @settings(max_examples=10**9, deadline=None, database=None, suppress_health_check=list(HealthCheck),
+              phases=[Phase.generate])
     @given(st.one_of(mutated(), st.binary(max_size=4096)))
     def fuzz(data: bytes) -> None:
         nonlocal count

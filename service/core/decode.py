@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageCms, UnidentifiedImageError
 
+from service.core import bmp_rle
 from service.core.errors import InvalidImage, PayloadTooLarge
 from service.core.precheck import check_structure
 
@@ -30,6 +31,7 @@ ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 _WHITE = (255, 255, 255)
 _ORIENTATION = 0x0112  # the EXIF tag
 Image.MAX_IMAGE_PIXELS = None  # one cap, ours (see the module docstring)
+bmp_rle.install()  # run-length BMPs at a cost that follows the file, not the pixels
 _SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 # Profile colour space (as lcms names it, padded to 4) → the Pillow mode it applies to.
 _PROFILE_MODES = {"RGB ": "RGB", "CMYK": "CMYK", "GRAY": "L"}

@@ -8,17 +8,19 @@ import os
 import struct
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageCms
+from PIL import Image, ImageCms, PngImagePlugin
 
 import service.core.decode
-from service.core.decode import decode_image, device_decodable
+from service import hostile
+from service.core.decode import decode_image, device_decodable, image_size
 from service.core.errors import InvalidImage, PayloadTooLarge
-from service.core.precheck import MAX_JPEG_SCANS, check_structure, count_png_chunks
+from service.core.precheck import MAX_BMP_RLE_BYTES, MAX_JPEG_SCANS, check_structure, count_png_chunks
 from service.testing import SAMPLE_DIR as SAMPLES
 from tests.unit.test_decode import LIMITS, _png_header_only, as_hwc, encode, gradient
 
@@ -170,3 +172,84 @@ def test_adobe_rgb_photos_are_converted_to_srgb() -> None:
 def test_an_unreadable_profile_is_ignored() -> None:
     data = encode(Image.fromarray(gradient()), "PNG", icc_profile=b"not a profile at all")
     assert np.array_equal(as_hwc(decode_image(data, **LIMITS)), gradient().astype(np.int32))
+
+
+# Round 3: every allowed format's amplifiers are refused from the bytes, or decoded at a bounded cost.
+
+def test_a_bmp_rle8_bomb_decodes_in_time_that_follows_its_bytes() -> None:
+    """8 KB of 'one pixel, end of line' rows: Pillow's Python decoder padded them pixel by pixel (≈ 2 s)."""
+    bomb = hostile.bmp_rle8_bomb(12_000, 1_800)
+    started = time.perf_counter()
+    decoded = decode_image(bomb, **LIMITS)
+    assert time.perf_counter() - started < 1.0
+    assert tuple(decoded.shape) == (3, 1_800, 12_000)
+    assert int(decoded[:, :, 0].min()) == 0x80 and int(decoded[:, :, 1:].max()) == 0  # one pixel a row, then padding
+
+
+def test_a_small_rle_bmp_decodes_to_its_pixels() -> None:
+    indices = (hostile.gradient(301, 203)[..., 0] // 16 * 16).astype(np.uint8)
+    decoded = as_hwc(decode_image(hostile.bmp_rle8(indices), **LIMITS))
+    assert np.array_equal(decoded, np.repeat(indices[..., None], 3, axis=2).astype(np.int32))
+
+
+def test_a_bmp_with_too_much_run_length_data_is_refused() -> None:
+    commands = b"\x00\x02\x00\x00" * (MAX_BMP_RLE_BYTES // 4 + 1)  # deltas of nothing: cost without pixels
+    bomb = hostile.bmp_rle8_bomb(64, 1)
+    bomb = bomb[:-2] + commands + b"\x00\x01"
+    with pytest.raises(InvalidImage, match=r"RLE8-compressed BMP with \d+ bytes of run-length data"):
+        decode_image(bomb, **LIMITS)
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda: hostile.png_many_profiles(1_329), "PNG with 1329 ICC profiles"),
+    (lambda: hostile.png_many_compressed_texts(200), "more than 64 compressed text chunks"),
+    (lambda: hostile.gif_many_comments(2_000_000), "GIF with more than 256 extension blocks"),
+    (lambda: hostile.tiff_many_strips(4_000_000), "TIFF whose tag 273 holds 4000000 values"),
+    (lambda: hostile.tiff_many_strips(200_000), "TIFF listing 200000 strips or tiles where its size implies at most 1"),
+])
+def test_amplifiers_of_each_format_are_refused_before_pillow_opens_them(make: Callable[[], bytes], message: str,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    hostile_file = make()
+    opened: list[object] = []
+    monkeypatch.setattr(service.core.decode.Image, "open", lambda *a, **k: opened.append(a))
+    started = time.perf_counter()
+    with pytest.raises(InvalidImage, match=message):
+        decode_image(hostile_file, **LIMITS)
+    with pytest.raises(InvalidImage, match=message):
+        image_size(hostile_file, **LIMITS)
+    assert opened == [] and time.perf_counter() - started < 1.0
+
+
+def test_a_tiff_of_complex_samples_is_refused() -> None:
+    data = bytearray(encode(Image.fromarray(gradient()[..., 0]), "TIFF"))
+    order = "<"
+    ifd = struct.unpack_from(order + "I", data, 4)[0]
+    count = struct.unpack_from(order + "H", data, ifd)[0]
+    entry = ifd + 2 + 12 * count  # replace the directory's last entry by SampleFormat = 6 (complex float)
+    data[entry - 12:entry] = struct.pack(order + "HHIH2x", 339, 3, 1, 6)
+    with pytest.raises(InvalidImage, match="TIFF of sample format 6"):
+        decode_image(bytes(data), **LIMITS)
+
+
+def test_an_animated_png_of_2000_frames_is_counted_in_frames_and_served() -> None:
+    data = hostile.apng(2_000)
+    assert len(data) < 1_000_000
+    assert np.array_equal(as_hwc(decode_image(data, **LIMITS)), hostile.gradient().astype(np.int32))
+
+
+def test_legitimate_files_of_the_checked_kinds_pass() -> None:
+    tiled = encode(Image.fromarray(gradient(300, 200)), "TIFF", tile=(16, 16))
+    assert np.abs(as_hwc(decode_image(tiled, **LIMITS)) - gradient(300, 200)).max() == 0
+    one_row_strips = encode(Image.fromarray(gradient(300, 200)), "TIFF", strip_size=300 * 3)
+    assert np.abs(as_hwc(decode_image(one_row_strips, **LIMITS)) - gradient(300, 200)).max() == 0
+    commented = encode(Image.fromarray(gradient()).convert("P"), "GIF", comment=b"made by a camera")
+    decode_image(commented, **LIMITS)
+    with_text = encode(Image.fromarray(gradient()), "PNG", pnginfo=_text_chunks(10))
+    decode_image(with_text, **LIMITS)
+
+
+def _text_chunks(count: int) -> PngImagePlugin.PngInfo:
+    info = PngImagePlugin.PngInfo()
+    for i in range(count):
+        info.add_text(f"key{i}", "some words " * 100, zip=True)
+    return info
