@@ -167,3 +167,17 @@ def gradient(width: int = 64, height: int = 48) -> Any:
     y, x = np.mgrid[0:height, 0:width]
     return np.stack([x * 255 // max(1, width - 1), y * 255 // max(1, height - 1),
                      (x + y) * 255 // max(1, width + height - 2)], axis=-1).astype(np.uint8)
+
+
+def swapped_red_green_profile() -> bytes:
+    """An RGB ICC profile that is sRGB with its red and green primaries (and curves) swapped: a profile no
+    decoder can ignore without the colours showing it."""
+    from PIL import ImageCms
+
+    profile = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    count = struct.unpack_from(">I", profile, 128)[0]
+    entries = {bytes(profile[132 + 12 * i:136 + 12 * i]): 132 + 12 * i for i in range(count)}
+    for first, second in ((b"rXYZ", b"gXYZ"), (b"rTRC", b"gTRC")):
+        a, b = entries[first], entries[second]
+        profile[a + 4:a + 12], profile[b + 4:b + 12] = profile[b + 4:b + 12], profile[a + 4:a + 12]
+    return bytes(profile)

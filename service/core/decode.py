@@ -2,8 +2,8 @@
 
 Only an allow-list of formats is opened; files built to be slow to decode are refused from their bytes
 first (`precheck`); the size is checked from the header before any pixel is decoded; EXIF orientation is
-applied; an embedded ICC profile is converted to sRGB; every mode becomes 8-bit RGB the way a person would
-expect (alpha over white, 16-bit scaled, not clipped, float scaled by the rule in `to_rgb`).
+applied; every mode becomes 8-bit sRGB by one rule (`service.core.colour`: transparency split off, wide modes
+scaled, the ICC profile applied, then alpha over white).
 
 One pixel cap: `max_pixels` (the service's --max-image-pixels). Pillow's own bomb guard
 (`Image.MAX_IMAGE_PIXELS`, 89.5 MP) is switched off at import because it fires in `Image.open`, before our
@@ -13,28 +13,24 @@ check, and silently lowered any larger setting; ours runs at the same point, fro
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import warnings
 from collections.abc import Iterator
 
 import numpy as np
 import torch
-from PIL import Image, ImageCms, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from service.core import bmp_rle
+from service.core.colour import budget_pixels, to_rgb
 from service.core.errors import InvalidImage, PayloadTooLarge
 from service.core.precheck import check_structure
 
 # Pillow format ids: JPEG, PNG, WebP, GIF (first frame), BMP, TIFF (first page).
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
-_WHITE = (255, 255, 255)
 _ORIENTATION = 0x0112  # the EXIF tag
 Image.MAX_IMAGE_PIXELS = None  # one cap, ours (see the module docstring)
 bmp_rle.install()  # run-length BMPs at a cost that follows the file, not the pixels
-_SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
-# Profile colour space (as lcms names it, padded to 4) → the Pillow mode it applies to.
-_PROFILE_MODES = {"RGB ": "RGB", "CMYK": "CMYK", "GRAY": "L"}
 
 
 class OpenedImage:
@@ -70,9 +66,10 @@ class OpenedImage:
         return next((d for d in JPEG_REDUCTIONS if 1 / d >= min_scale), 1)
 
     def decoded_pixels(self, reduction: int = 1) -> int:
-        """Pixels a decode at `reduction` holds: what the pixel budget charges."""
+        """What the pixel budget charges for a decode at `reduction`: the pixels it holds, weighted by the bytes
+        a pixel of this mode's decode path holds (`colour.budget_pixels`)."""
         width, height = self.stored
-        return -(-width // reduction) * -(-height // reduction)
+        return budget_pixels(-(-width // reduction), -(-height // reduction), self.image.mode)
 
     def decode(self, reduction: int = 1, *, jpeg_device: torch.device | None = None,
                icc_to_srgb: bool = True) -> torch.Tensor:
@@ -99,7 +96,9 @@ class OpenedImage:
             image.load()
             # keeps `info`, the ICC profile with it; only when there is something to turn (else it copies)
             upright = image.transpose(_UPRIGHT[self.orientation]) if self.orientation != 1 else image
-            rgb = to_rgb(to_srgb(upright) if icc_to_srgb else upright)
+            rgb = to_rgb(upright, icc_to_srgb=icc_to_srgb)
+            if rgb is not image:
+                image.close()  # the decoded pixels: freed before the copy below, not after
             if rgb.size not in (expected, expected[::-1]):  # a header that lied about the size
                 raise InvalidImage(f"{label} decoded to {rgb.size[0]}x{rgb.size[1]}, not its header's size")
         # (3, H, W) over the decoder's H×W×3 pixels, not repacked: the renderer reads this interleaved layout
@@ -187,36 +186,6 @@ def device_decodable(image: Image.Image, *, icc_to_srgb: bool) -> bool:
     return not (icc_to_srgb and image.info.get("icc_profile"))
 
 
-def to_srgb(image: Image.Image) -> Image.Image:
-    """Pixels in an embedded ICC profile's colour space → sRGB (relative colorimetric intent).
-
-    Untouched when there is no profile, when it is for another colour space than the image's mode, or when
-    lcms cannot read or apply it.
-    """
-    icc = image.info.get("icc_profile")
-    if not icc:
-        return image
-    try:
-        transform = _to_srgb_transform(icc, image.mode)
-        if transform is None:
-            return image
-        converted = ImageCms.applyTransform(image, transform)
-    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
-        return image
-    assert converted is not None
-    return converted
-
-
-@functools.lru_cache(maxsize=64)
-def _to_srgb_transform(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
-    """The lcms transform from one embedded profile to sRGB, built once per profile: building it cost as
-    much as applying it, and photos from one camera or editor share a handful of profiles."""
-    profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-    if _PROFILE_MODES.get(profile.profile.xcolor_space) != mode:
-        return None  # a profile for another colour space than the pixels': left as they are
-    return ImageCms.buildTransform(profile, _SRGB, mode, "RGB", renderingIntent=ImageCms.Intent.RELATIVE_COLORIMETRIC)
-
-
 def _decode_jpeg_on(data: bytes, device: torch.device) -> torch.Tensor | None:
     """torchvision's JPEG decoder on `device`, EXIF orientation applied; None where it cannot decode."""
     from torchvision.io import ImageReadMode, decode_jpeg
@@ -241,36 +210,3 @@ def _check_size(width: int, height: int, *, max_pixels: int, max_side: int, labe
         raise PayloadTooLarge(f"{label} is {width}x{height}; the longest side allowed is {max_side} px")
     if width * height > max_pixels:
         raise PayloadTooLarge(f"{label} is {width}x{height}; at most {max_pixels} pixels are allowed")
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any Pillow mode → 8-bit RGB: alpha composited on white, 16-bit and 32-bit integer scaled.
-
-    Float (`F`) images: if every finite value lies in [0, 1] they are intensities in [0, 1] (× 255),
-    otherwise values on the 0-255 scale; then clipped to [0, 255], NaN → 0, +inf → 255, -inf → 0.
-    """
-    mode = image.mode
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        # 16-bit (PNG/TIFF) greyscale; convert("L") would clip everything above 255 to white.
-        values = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if mode != "I" or values.max(initial=0) > 255 else 255.0
-        grey = np.clip(np.rint(values * (255.0 / peak)), 0, 255).astype(np.uint8)
-        return Image.fromarray(grey).convert("RGB")
-    if mode == "F":
-        values = np.asarray(image, dtype=np.float64)
-        finite = values[np.isfinite(values)]
-        if finite.size and finite.min() >= 0.0 and finite.max() <= 1.0:
-            values = values * 255.0
-        values = np.nan_to_num(values, nan=0.0, posinf=255.0, neginf=0.0)
-        grey = np.clip(np.rint(values), 0, 255).astype(np.uint8)  # NaN/inf in float TIFFs: no garbage bytes
-        return Image.fromarray(grey).convert("RGB")
-    if mode == "P":
-        image = image.convert("RGBA") if "transparency" in image.info else image.convert("RGB")
-        mode = image.mode
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (*_WHITE, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    if mode == "RGB":
-        return image
-    return image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV

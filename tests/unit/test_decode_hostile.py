@@ -253,3 +253,120 @@ def _text_chunks(count: int) -> PngImagePlugin.PngInfo:
     for i in range(count):
         info.add_text(f"key{i}", "some words " * 100, zip=True)
     return info
+
+
+# One colour rule for every mode (service/core/colour.py).
+
+def _centred_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    x, y = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    x, y = x - x.mean(), y - y.mean()
+    return float(x @ y / (np.linalg.norm(x) * np.linalg.norm(y)))
+
+
+def test_an_icc_profile_is_applied_to_every_mode() -> None:
+    """RGB, opaque RGBA, RGBA with holes, P and P with transparency carrying the same profile decode to what
+    ImageCms makes of the RGB picture (on main the profile was ignored for all but RGB)."""
+    profile = hostile.swapped_red_green_profile()
+    picture = Image.fromarray(gradient(64, 48)).quantize(64).convert("RGB")  # exactly representable as P
+    transform = ImageCms.buildTransform(ImageCms.ImageCmsProfile(io.BytesIO(profile)),
+                                        ImageCms.createProfile("sRGB"), "RGB", "RGB",
+                                        renderingIntent=ImageCms.Intent.RELATIVE_COLORIMETRIC)
+    want = np.asarray(ImageCms.applyTransform(picture, transform), dtype=np.int32)
+    assert np.abs(want - np.asarray(picture, dtype=np.int32)).mean() > 20  # the profile really changes colours
+    holes = np.asarray(picture.convert("RGBA")).copy()
+    holes[:8, :8, 3] = 0  # transparent corner: white whatever its colour
+    want_holes = want.copy()
+    want_holes[:8, :8] = 255
+    variants = {
+        "RGB": (picture, want), "RGBA": (picture.convert("RGBA"), want),
+        "RGBA holes": (Image.fromarray(holes), want_holes),
+        "P": (picture.quantize(64), want),
+    }
+    for name, (image, expected) in variants.items():
+        for fmt in ("PNG", "WEBP") if image.mode == "RGBA" else ("PNG",):
+            params = {"lossless": True} if fmt == "WEBP" else {}
+            decoded = as_hwc(decode_image(encode(image, fmt, icc_profile=profile, **params), **LIMITS))
+            assert np.abs(decoded - expected).max() <= 1, (name, fmt)
+            assert _centred_cosine(decoded, expected) >= 0.999, (name, fmt)
+
+
+def test_transparency_is_composited_over_white_the_same_way_for_every_mode() -> None:
+    """The same grey picture with the same transparent pixels, as L + tRNS key, RGB + tRNS key, P + tRNS, LA,
+    RGBA and 16-bit grey + tRNS key: the same decoded pixels (on main the keys of L, RGB and I;16 were ignored)."""
+    grey = (gradient(64, 48)[..., 0] // 2 + 1).astype(np.uint8)  # 1..128: no pixel is white, none is 0
+    grey[10:20, 10:30] = 0  # the key colour: transparent
+    hidden = grey == 0
+    want = np.where(hidden, 255, grey)
+    want_rgb = np.repeat(want[..., None], 3, axis=2).astype(np.int32)
+    alpha = np.where(hidden, 0, 255).astype(np.uint8)
+    rgb = np.repeat(grey[..., None], 3, axis=2)
+    wide = grey.astype(np.uint16) * 257
+    files = {
+        "L tRNS": encode(Image.fromarray(grey, "L"), "PNG", transparency=0),
+        "RGB tRNS": encode(Image.fromarray(rgb), "PNG", transparency=(0, 0, 0)),
+        "P tRNS": encode(Image.fromarray(grey, "L").convert("P"), "PNG", transparency=0),
+        "LA": encode(Image.fromarray(np.stack([grey, alpha], axis=-1), "LA"), "PNG"),
+        "RGBA": encode(Image.fromarray(np.dstack([rgb, alpha]), "RGBA"), "PNG"),
+        "I;16 tRNS": encode(Image.fromarray(wide), "PNG", transparency=0),
+    }
+    for name, data in files.items():
+        decoded = as_hwc(decode_image(data, **LIMITS))
+        assert np.array_equal(decoded, want_rgb), name
+        assert _centred_cosine(decoded, want_rgb) >= 0.999, name
+
+
+def test_wide_modes_are_converted_without_full_size_float64_copies() -> None:
+    """A 10 MP float32 TIFF: numpy's allocations during the decode stay under 7 bytes a pixel, most of it the
+    RGB result every mode makes (on main the float64 copies and masks added ≈ 26 more); 16-bit, 32-bit and
+    float pictures decode to the 8-bit one."""
+    import tracemalloc
+
+    grey = np.tile(gradient(500, 400)[..., 0], (5, 5))  # 2000 × 2500
+    files = {"I;16": encode(Image.fromarray(grey.astype(np.uint16) * 257), "TIFF"),
+             "I": encode(Image.fromarray(grey.astype(np.int32) * 257, "I"), "TIFF"),
+             "F": encode(Image.fromarray(grey.astype(np.float32) / 255, "F"), "TIFF")}
+    want = np.repeat(grey[..., None], 3, axis=2).astype(np.int32)
+    for name, data in files.items():
+        assert np.array_equal(as_hwc(decode_image(data, **LIMITS)), want), name
+    big = hostile.float_tiff(4_000, 2_500)
+    tracemalloc.start()
+    try:
+        decode_image(big, **LIMITS)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # the grey plane (1 B a pixel), the RGB result's bytes and its copy into the tensor (3 + 3), one block
+    assert peak < 7 * 4_000 * 2_500 + 8 * 2**20
+
+
+def test_the_icc_transform_cache_holds_a_bounded_number_of_bytes() -> None:
+    """Distinct 5 MB profiles, one after another: the transforms kept hold at most ICC_CACHE_BYTES of them
+    (on main an lru_cache of 64 kept every profile whole: 60 MB here, 1 GB with 15 MB profiles)."""
+    import gc
+    import tracemalloc
+
+    from service.core import colour
+
+    colour._TRANSFORMS.clear()
+    files = [hostile.jpeg_with_profile(hostile.padded_profile(5 * 2**20, seed)) for seed in range(12)]
+    gc.collect()
+    tracemalloc.start()
+    try:
+        for data in files:
+            decode_image(data, **LIMITS)
+        gc.collect()
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held <= colour.ICC_CACHE_BYTES + 2**20
+    assert colour._TRANSFORMS.held <= colour.ICC_CACHE_BYTES
+
+
+def test_the_pixel_budget_charges_the_bytes_of_each_decode_path() -> None:
+    from service.core.colour import budget_pixels, decode_bytes_per_pixel
+    from service.core.decode import open_image
+
+    rgba = encode(Image.fromarray(gradient(300, 200)).convert("RGBA"), "PNG")
+    assert open_image(rgba, **LIMITS).decoded_pixels() == budget_pixels(300, 200, "RGBA") > 300 * 200
+    assert open_image(encode(Image.fromarray(gradient(300, 200)), "JPEG"), **LIMITS).decoded_pixels() == 300 * 200
+    assert decode_bytes_per_pixel("some future mode") == max(decode_bytes_per_pixel(m) for m in ("RGB", "RGBA", "F"))

@@ -25,6 +25,7 @@ ALLOWED: dict[str, set[str]] = {
     "service.bulk": {"models", "service.core", "service.settings", "service.client", "service.bulk"},
     "service.cli": {"models", "service.core", "service.settings", "service.api", "service.bulk", "evaluation"},
     "service.testing": set(),
+    "service.hostile": set(),
     "evaluation": {"models", "service.core", "evaluation", "service.client"},
 }
 WEB_FRAMEWORKS = {"fastapi", "starlette", "uvicorn"}
