@@ -13,11 +13,9 @@ from prometheus_client import generate_latest as _generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 
+from service.core.errors import REJECT_REASONS, ServiceError
+
 SAMPLES_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
-REJECT_REASONS = ("overloaded", "deadline", "client_gone", "invalid", "too_large", "unauthorized")
-# The reason a refusal reply is counted under, by its status; 5xx are not refusals (see metta_requests_total).
-_REFUSAL_REASON = {400: "invalid", 408: "invalid", 415: "invalid", 422: "invalid", 401: "unauthorized",
-                   413: "too_large", 431: "too_large", 429: "overloaded", 504: "deadline"}
 
 # From 0.1 ms (a GPU batch) to a minute (S=128 on a busy CPU).
 _STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -109,13 +107,12 @@ class Metrics:
         self._cuda_device: str | None = None
         r.register(_CudaMemoryCollector(self))
 
-    def count_refusal(self, status: int) -> None:
-        """One refusal reply, counted by whoever sends it: the app's error handler, or a middleware or the HTTP
-        protocol when they answer themselves. A request whose client left gets no reply: `client_gone` is
-        counted by the app where it notices (`count_client_gone`)."""
-        reason = _REFUSAL_REASON.get(status)
-        if reason is not None:
-            self.rejected.labels(reason).inc()
+    def count_refusal(self, error: ServiceError) -> None:
+        """One refusal reply, counted under its class's reason by whoever sends it: the app's error handler, or
+        a middleware or the HTTP protocol when they answer themselves. A request whose client left gets no
+        reply: `client_gone` is counted by the app where it notices (`count_client_gone`)."""
+        if error.reason is not None:
+            self.rejected.labels(error.reason).inc()
 
     def watch_cuda(self, device: str) -> None:
         self._cuda_device = device

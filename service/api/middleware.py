@@ -7,20 +7,12 @@ of reading and discarding the rest).
 
 from __future__ import annotations
 
-from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.core.errors import PayloadTooLarge, ServiceError
+from service.api.errors import error_response
+from service.core.errors import HeadersTooLarge, PayloadTooLarge, ServiceError
 from service.engine.budget import Budget, Reservation
 from service.metrics import Metrics
-
-
-class HeadersTooLarge(ServiceError):
-    status, type = 431, "headers_too_large"
-
-
-def error_response(error: ServiceError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
 class HeaderLimitMiddleware:
@@ -43,7 +35,7 @@ class HeaderLimitMiddleware:
             if len(headers) > self.max_headers or size > self.max_header_bytes:
                 error = HeadersTooLarge(f"the request has {len(headers)} headers, {size} bytes; at most "
                                         f"{self.max_headers} headers and {self.max_header_bytes} bytes are accepted")
-                self.metrics.count_refusal(error.status)
+                self.metrics.count_refusal(error)
                 await error_response(error)(scope, receive, closing(send))
                 return
         await self.app(scope, receive, send)
@@ -115,7 +107,7 @@ class BodyLimitMiddleware:
                 reservation.release()
 
     async def _refuse(self, error: ServiceError, scope: Scope, receive: Receive, send: Send) -> None:
-        self.metrics.count_refusal(error.status)
+        self.metrics.count_refusal(error)
         await error_response(error)(scope, receive, closing(send))
 
 

@@ -13,7 +13,7 @@ held its connection forever. This protocol adds, per connection:
   where it reads the body) of the end of the headers, else the connection is closed;
 - malformed requests get the error table's JSON 400, not uvicorn's plain text.
 
-Every refusal is reported to `on_reject(status)` (the app's `metta_rejected_total`). One that cuts short a
+Every refusal is reported to `on_reject(error)` (the app's `metta_rejected_total`). One that cuts short a
 request the app is still reading marks it (`REFUSED`, in the request's state), so the app, which then sees
 its client gone, does not count it a second time.
 """
@@ -21,13 +21,13 @@ its client gone, does not count it a second time.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from service.core.errors import HeadersTooLarge, InvalidRequest, RequestTimeout, ServiceError
 from service.settings import Settings
 
 _REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
@@ -35,7 +35,7 @@ REFUSED = "refused_by_protocol"  # the key in a request's state (`request.state`
 
 
 def guarded_protocol(*, max_header_bytes: int, max_headers: int, header_timeout_s: float, body_timeout_s: float,
-                     on_reject: Callable[[int], None] = lambda status: None) -> type[HttpToolsProtocol]:
+                     on_reject: Callable[[ServiceError], None] = lambda error: None) -> type[HttpToolsProtocol]:
     """A protocol class for `uvicorn.run(..., http=...)` with these limits."""
 
     class Guarded(GuardedHttpProtocol):
@@ -54,7 +54,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     max_headers = 100
     header_timeout_s = 10.0
     body_timeout_s = 30.0
-    on_reject: Callable[[int], None] = staticmethod(lambda status: None)
+    on_reject: Callable[[ServiceError], None] = staticmethod(lambda error: None)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -93,8 +93,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                     self._head_bytes += len(head)
                     super().data_received(head)
                 if self._in_head and not self.transport.is_closing():
-                    self._refuse(431, "headers_too_large",
-                                 f"the request headers are over the limit of {self.max_header_bytes} bytes")
+                    self._refuse(HeadersTooLarge(
+                        f"the request headers are over the limit of {self.max_header_bytes} bytes"))
                     return
                 data = rest
             else:
@@ -105,8 +105,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         if len(self.headers) > self.max_headers:
-            self._refuse(431, "headers_too_large",
-                         f"the request has {len(self.headers)} headers; at most {self.max_headers} are accepted")
+            self._refuse(HeadersTooLarge(
+                f"the request has {len(self.headers)} headers; at most {self.max_headers} are accepted"))
             return
         self._arm(self.body_timeout_s + 1.0, self._body_timeout)
         super().on_headers_complete()
@@ -129,14 +129,14 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self._head_bytes == 0 and (self.cycle is None or self.cycle.response_complete):
             self.transport.close()  # an idle connection: nothing to answer
             return
-        self._refuse(408, "request_timeout",
-                     f"the request headers did not arrive within {self.header_timeout_s:g} s")
+        self._refuse(RequestTimeout(f"the request headers did not arrive within {self.header_timeout_s:g} s"))
 
     def _body_timeout(self) -> None:
         self._timer = None
         if self.transport.is_closing():
             return
-        self.on_reject(408)  # no reply: the app should have answered 408 where it reads the body
+        # No reply: the app should have answered 408 where it reads the body.
+        self.on_reject(RequestTimeout(f"the request body did not arrive within {self.body_timeout_s:g} s"))
         self._cut_short_the_apps_request()
         self.transport.close()
 
@@ -144,16 +144,16 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self.cycle is not None and self.cycle.response_started and not self.cycle.response_complete:
             self.transport.close()  # a reply is already on the wire: no second one
             return
-        self._refuse(400, "invalid_request", "malformed HTTP request")
+        self._refuse(InvalidRequest("malformed HTTP request"))
 
-    def _refuse(self, status: int, kind: str, message: str) -> None:
+    def _refuse(self, error: ServiceError) -> None:
         """Write one JSON error reply and close; the rest of the connection's bytes are ignored."""
         self._refused = True
         self._disarm()
-        self.on_reject(status)
-        body = json.dumps({"error": {"type": kind, "message": message}}).encode()
+        self.on_reject(error)
+        body = error.body()
         head = (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-                b"connection: close\r\n\r\n" % (status, _REASONS[status], len(body)))
+                b"connection: close\r\n\r\n" % (error.status, _REASONS[error.status], len(body)))
         self._cut_short_the_apps_request()
         self.transport.write(head + body)
         self.transport.close()

@@ -34,6 +34,7 @@ from service.core.errors import (
     InvalidOption,
     InvalidRequest,
     PayloadTooLarge,
+    RequestTimeout,
     ServiceError,
     UnsupportedMediaType,
 )
@@ -44,10 +45,6 @@ from service.settings import Settings
 _DATA_URL = re.compile(r"data:image/[a-zA-Z0-9.+-]+;base64,", re.ASCII)
 _OTHER_DATA_URL = re.compile(r"data:([^,;]*)[^,]*,", re.ASCII)  # any other data: URL, named in the error
 _URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://")
-
-
-class RequestTimeout(ServiceError):
-    status, type = 408, "request_timeout"
 
 
 @dataclass
@@ -131,7 +128,7 @@ def _parse_json(body: bytes, settings: Settings, schema: type[OptionsT],
     try:
         parsed = json_schema.model_validate(data)
     except ValidationError as exc:
-        raise InvalidOption(describe_validation_error(exc)) from None
+        raise InvalidOption(describe_validation_error(exc, json_schema)) from None
     options = schema.model_validate(parsed.model_dump(exclude={"images"}, exclude_unset=True))
     texts: list[str] = parsed.images  # type: ignore[attr-defined]
     field = image_field(openai)
@@ -182,7 +179,8 @@ async def _parse_multipart(request: Request, settings: Settings, schema: type[Op
                 else:
                     raise InvalidRequest("images: each must be an uploaded file")
             elif isinstance(value, UploadFile):
-                raise InvalidOption(f"{key}: expected a form field, got a file")
+                raise InvalidOption(f"{key}: expected a form field, got a file; send image files in the 'images' "
+                                    "field (-F images=@photo.jpg)")
             elif key in fields:
                 raise InvalidOption(f"{key}: given more than once")
             else:
@@ -226,7 +224,7 @@ def resolve_views(options: ViewOptionsIn, settings: Settings, model_name: str, n
             high = min(high, max(low, settings.max_request_crops // n_images))  # no more crops than a request may bring
             auto = (low, high)
             # The scheduler gives the S it can serve in time once the images are decoded, and they are planned
-            # at it (`_decode_all` in service/api/app.py). Replies and metrics report len(job.views).
+            # at it (`_decode_all` in service/api/views.py). Replies and metrics report len(job.views).
             samples = high
         else:
             if {"samples_min", "samples_max"} & options.model_fields_set:

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-import service.api.app
+import service.api.views
 from models import ModelOptions, create_model
 from service.api.app import create_app
 from service.core.decode import OpenedImage, open_image
@@ -48,7 +48,7 @@ def slow_decoder(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
             opened.decode = slow_decode  # type: ignore[method-assign, assignment]
         return opened
 
-    monkeypatch.setattr(service.api.app, "open_image", open_slow)
+    monkeypatch.setattr(service.api.views, "open_image", open_slow)
     return started
 
 
