@@ -231,7 +231,7 @@ def parse_form_options(fields: dict[str, str], schema: type[OptionsT] = EmbedOpt
     typed: dict[str, object] = {}
     for name, raw in fields.items():
         if name not in schema.model_fields:
-            raise InvalidOption(f"{name}: unknown option")  # worded as in JSON requests
+            raise InvalidOption(unknown_option(name, schema))  # worded as in JSON requests
         kind = schema.model_fields[name].annotation
         text = raw.strip()
         if kind in (bool,):
@@ -253,10 +253,25 @@ def validate_options(data: dict[str, object], schema: type[OptionsT] = EmbedOpti
     try:
         return schema.model_validate(data)
     except ValidationError as exc:
-        raise InvalidOption(describe_validation_error(exc)) from None
+        raise InvalidOption(describe_validation_error(exc, schema)) from None
 
 
-def describe_validation_error(exc: ValidationError) -> str:
+# Each endpoint's own options, to name the endpoint an option belongs to when another one is sent it.
+_ENDPOINT_OPTIONS: dict[str, type[ViewOptionsIn]] = {"/v1/embeddings": EmbedOptionsIn,
+                                                     "/v1/classify": ClassifyOptionsIn}
+
+
+def unknown_option(name: str, schema: type[BaseModel]) -> str:
+    """Why `schema` refuses the option `name`: one of another endpoint's options says whose it is."""
+    owners = [path for path, options in _ENDPOINT_OPTIONS.items()
+              if name in options.model_fields and not issubclass(schema, options)]
+    if name in ViewOptionsIn.model_fields or not owners:
+        return f"{name}: unknown option"
+    endpoint = "an embedding-only" if owners == ["/v1/embeddings"] else "a classify-only"
+    return f"{name}: {endpoint} option (of {' and '.join(owners)}); this endpoint does not take it"
+
+
+def describe_validation_error(exc: ValidationError, schema: type[BaseModel] | None = None) -> str:
     """One readable line per field, naming it: 'samples: Input should be greater than or equal to 1 or 'auto''.
 
     A field that may take several types (samples: int or "auto") gets one error per type from pydantic, each
@@ -266,7 +281,10 @@ def describe_validation_error(exc: ValidationError) -> str:
     for error in exc.errors(include_url=False):
         loc = error["loc"]  # the field first (a client's name, whatever its spelling), then any type tags
         where = ".".join(str(p) for p in loc[:1] + tuple(p for p in loc[1:] if not _is_type_tag(p))) or "body"
-        message = "unknown option" if error["type"] == "extra_forbidden" else error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = unknown_option(str(loc[0]), schema or EmbedOptionsIn).partition(": ")[2]
+        else:
+            message = error["msg"]
         if problems.get(where) and message.startswith(_PYDANTIC_PREFIX):
             message = message.removeprefix(_PYDANTIC_PREFIX)  # '... greater than 0 or 'auto''
         problems.setdefault(where, []).append(message)

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from service.core.embedding import Chunk, ImageJob
-from service.core.errors import NotReady, Overloaded
+from service.core.errors import InvalidOption, NotReady, Overloaded, ServiceError
 
 
 @dataclass(frozen=True)
@@ -218,8 +218,17 @@ class Scheduler:
         self._running[ticket.id] = ticket
         return ticket
 
-    def refusal(self, crops: int, timeout_s: float | None) -> Overloaded | None:
-        """Why a request of `crops` cannot be admitted now, or None if it can."""
+    def refusal(self, crops: int, timeout_s: float | None) -> ServiceError | None:
+        """Why a request of `crops` cannot be admitted now, or None if it can: 429 when the queue is the
+        reason, 422 when its deadline is too short for its own crops even with nothing queued (no retry helps)."""
+        if timeout_s is not None and self.seconds_per_crop is not None:
+            alone_s = self._seconds_for(crops, unknown=0.0)
+            if alone_s > timeout_s:
+                return InvalidOption(
+                    "the request's deadline (timeout_ms) is too short for it even on an idle server: its "
+                    f"{crops} crops take about {alone_s:.2g} s at the measured pace, and its deadline leaves "
+                    f"{timeout_s:.2g} s for them; "
+                    "give a longer timeout_ms, or send fewer images or samples")
         queued = self.queued_crops
         retry = {"Retry-After": str(self.retry_after_s())}
         if queued + crops > self.config.max_queue_crops:

@@ -102,9 +102,9 @@ async def test_classify_defaults_are_its_own_and_center_has_no_dispersion(dummy_
 
 
 @pytest.mark.parametrize(("payload", "status", "kind", "words"), [
-    ({"normalize": True}, 422, "invalid_option", "normalize: unknown option"),
-    ({"return_variance": True}, 422, "invalid_option", "return_variance: unknown option"),
-    ({"encoding": "base64"}, 422, "invalid_option", "encoding: unknown option"),
+    ({"normalize": True}, 422, "invalid_option", "normalize: an embedding-only option (of /v1/embeddings)"),
+    ({"return_variance": True}, 422, "invalid_option", "return_variance: an embedding-only option"),
+    ({"encoding": "base64"}, 422, "invalid_option", "encoding: an embedding-only option"),
     ({"top_k": 0}, 422, "invalid_option", "top_k"),
     ({"top_k": 1001}, 422, "invalid_option", "at most the head's 1000 classes"),
     ({"samples": 0}, 422, "invalid_option", "samples"),

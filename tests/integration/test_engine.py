@@ -84,27 +84,31 @@ async def test_overload_gives_200s_and_429s_with_retry_after_and_no_5xx() -> Non
 
 
 async def test_a_request_that_would_miss_its_deadline_is_refused_at_admission() -> None:
+    """Refused for the queue ahead of it (429, retry later), not for its own size: alone it would fit."""
     spy = ControlledModel()
     spy.seconds_per_crop = 0.01
-    async with serve(model=spy.loaded(), request_timeout_s=4.0, max_batch_crops=8, chunk_crops=8,
+    async with serve(model=spy.loaded(), request_timeout_s=60.0, max_batch_crops=8, chunk_crops=8,
                      max_samples=512, max_request_crops=512) as client:
-        for seed in range(3):  # the engine learns the speed: about 10 ms a crop
+        for seed in range(3):  # the engine learns the speed: about 10 ms a crop (more on a busy machine)
             assert (await client.post("/v1/embeddings", json=body(seed, samples=8))).status_code == 200
         spy.gate.clear()
         spy.entered.clear()
-        ahead = asyncio.create_task(client.post("/v1/embeddings", json=body(10, samples=64)))
-        await wait_until(spy.entered.is_set)
+        ahead = [asyncio.create_task(client.post("/v1/embeddings", json=body(10 + i, samples=256))) for i in range(2)]
+        await wait_until(lambda: spy.entered.is_set() and engine_of(client).pending_requests == 2)
         crops_before = spy.crops
-        refused = await client.post("/v1/embeddings", json=body(11, samples=512))  # ~5.7 s of work, 4 s allowed
-        fits = asyncio.create_task(client.post("/v1/embeddings", json=body(12, samples=8)))
-        await wait_until(lambda: engine_of(client).pending_requests == 2)
+        # 50 crops: 0.5 s of its own work at 10 ms a crop (it would fit alone, up to 20 ms a crop), but with
+        # a turn of 56 for each request ahead, 162 crops: 1.6 s, past its 1 s
+        refused = await client.post("/v1/embeddings", json={**body(20, samples=50), "timeout_ms": 1000})
+        fits = asyncio.create_task(client.post("/v1/embeddings", json=body(21, samples=8)))
+        await wait_until(lambda: engine_of(client).pending_requests == 3)
+        spy.seconds_per_crop = 0.0  # what is admitted now runs quickly, well within its deadline
         spy.gate.set()
-        assert (await ahead).status_code == 200 and (await fits).status_code == 200
-    assert refused.status_code == 429
+        assert [(await task).status_code for task in [*ahead, fits]] == [200, 200, 200]
+    assert refused.status_code == 429, refused.text
     error = refused.json()["error"]
     assert error["type"] == "overloaded" and "deadline" in error["message"]
     assert int(refused.headers["retry-after"]) >= 1
-    assert spy.crops - crops_before == 64 + 8  # none of the refused request's crops ran
+    assert spy.crops - crops_before == 2 * 256 + 8  # none of the refused request's crops ran
 
 
 async def test_admission_counts_round_robin_turns_not_the_whole_queue() -> None:
@@ -117,7 +121,7 @@ async def test_admission_counts_round_robin_turns_not_the_whole_queue() -> None:
         engine.scheduler.seconds_per_crop = 0.01  # pin the measured speed (no batch completes while gated)
         big = asyncio.create_task(client.post("/v1/embeddings", json=body(0, samples=250)))  # 2.5 s: admitted
         await wait_until(spy.entered.is_set)
-        refused = await client.post("/v1/embeddings", json=body(1, samples=512))
+        refused = await client.post("/v1/embeddings", json=body(1, samples=200))  # 2 s alone; 4 s behind big
         # The queue holds ~2.5 s of work, but round-robin finishes 8 crops in one turn: ~0.16 s.
         small = asyncio.create_task(client.post("/v1/embeddings", json=body(2, samples=8)))
         await wait_until(lambda: engine.pending_requests == 2)

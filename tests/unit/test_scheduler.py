@@ -11,7 +11,7 @@ import torch
 
 from models import create_model
 from service.core.embedding import EmbedOptions, ImageJob
-from service.core.errors import NotReady, Overloaded
+from service.core.errors import InvalidOption, NotReady, Overloaded
 from service.core.policies import make_policy
 from service.engine.scheduler import BatchingConfig, SamplesRange, Scheduler
 
@@ -119,8 +119,19 @@ def test_admission_refuses_what_would_miss_its_deadline_counting_round_robin_tur
     s.admit(jobs(model, 250))  # 2.5 s of work ahead
     # A small request gets one turn per queued request: 4 + 4 crops ≈ 0.08 s, well within 1 s.
     s.admit(jobs(model, 4), timeout_s=1.0)
-    with pytest.raises(Overloaded, match="deadline"):
-        s.admit(jobs(model, 200), timeout_s=1.0)
+    with pytest.raises(Overloaded, match="deadline"):  # 0.9 s alone, but the queue's turns come first
+        s.admit(jobs(model, 90), timeout_s=1.0)
+
+
+def test_a_deadline_too_short_even_on_an_idle_server_is_the_requests_own_fault(model) -> None:  # type: ignore[no-untyped-def]
+    """No retry can meet it, so it is not a 429 "retry later" but a 422 naming the deadline."""
+    s = scheduler(max_queue_crops=1024)
+    s.seconds_per_crop = 0.01
+    with pytest.raises(InvalidOption, match=r"deadline \(timeout_ms\) is too short for it even on an idle server"):
+        s.admit(jobs(model, 200), timeout_s=1.0)  # 2 s of its own crops, nothing queued
+    with pytest.raises(InvalidOption, match="even on an idle server"):
+        s.auto_samples(4, SamplesRange(8, 16), timeout_s=0.1)  # 32 crops at the least: 0.32 s
+    s.admit(jobs(model, 90), timeout_s=1.0)  # alone it fits
 
 
 def test_an_auto_request_is_admitted_with_the_margin_its_s_was_given_with(model) -> None:  # type: ignore[no-untyped-def]
