@@ -39,9 +39,8 @@ def _ranges(text: str) -> tuple[tuple[float, float], ...]:
     return tuple(pairs)
 
 
-def add_eval_command(commands: Any) -> None:
-    """Register `metta eval` on the CLI's subparsers."""
-    cmd = commands.add_parser("eval", help="measure MeTTA's quality on labelled photos (docs/quality.md)")
+def add_eval_arguments(cmd: argparse.ArgumentParser) -> None:
+    """`metta eval`'s arguments, on the parser the CLI made for it (service/cli.py, which holds its help line)."""
     cmd.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with labels.tsv and the photos")
     cmd.add_argument("--limit", type=int, default=None, help="only the first N photos (smoke runs)")
     cmd.add_argument("--studies", default=",".join(STUDIES), help=f"comma-separated subset of {','.join(STUDIES)}")

@@ -63,10 +63,40 @@ def serve_main(argv: list[str] | None = None) -> None:
     serve(create_app(settings), settings)  # one uvicorn worker; SIGTERM: lame duck, drain, exit 0
 
 
+# Each subcommand's one-line help: `metta --help` lists them without loading any (torch, evaluation/).
+_COMMANDS = {
+    "embed": "embed image files and folders (--out OUT.parquet: a dataset)",
+    "eval": "measure MeTTA's quality on labelled photos (docs/quality.md)",
+}
+
+
 def main(argv: list[str] | None = None) -> None:
+    """`metta embed` and `metta eval`. Only the chosen subcommand's arguments are built, so its imports
+    alone are paid: `metta --help` and `metta embed --server URL` never import torch, and `evaluation/` is
+    loaded by `metta eval` only."""
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="metta", description="MeTTA mean embeddings without a server.")
     commands = parser.add_subparsers(dest="command", required=True)
-    embed_cmd = commands.add_parser("embed", help="embed image files and folders (--out OUT.parquet: a dataset)")
+    parsers = {name: commands.add_parser(name, help=help_text) for name, help_text in _COMMANDS.items()}
+    chosen = argv[0] if argv and argv[0] in _COMMANDS else None
+    if chosen == "embed":
+        _add_embed_arguments(parsers["embed"])
+    elif chosen == "eval":
+        from evaluation.cli import add_eval_arguments
+
+        add_eval_arguments(parsers["eval"])
+    args = parser.parse_args(argv)
+    if args.command == "embed":
+        from service.bulk.command import embed_command
+
+        sys.exit(embed_command(args))  # exit codes: service/bulk/command.py
+    elif args.command == "eval":
+        from evaluation.cli import eval_command
+
+        eval_command(args)
+
+
+def _add_embed_arguments(embed_cmd: argparse.ArgumentParser) -> None:
     embed_cmd.add_argument("images", nargs="*", metavar="PATH_OR_URI",
                            help="files, folders, globs, or URIs such as s3://bucket/prefix")
     embed_cmd.add_argument("--samples", type=int, default=None, help="views per image (default: the setting)")
@@ -80,14 +110,6 @@ def main(argv: list[str] | None = None) -> None:
     embed_cmd.add_argument("--model", default=None)
     embed_cmd.add_argument("--mode", default=None, help="execution engine: auto|eager|torchscript|openvino")
     embed_cmd.add_argument("--device", default=None)
-    from evaluation.cli import add_eval_command, eval_command
-    from service.bulk.command import add_bulk_arguments, embed_command
+    from service.bulk.command import add_bulk_arguments
 
     add_bulk_arguments(embed_cmd)
-
-    add_eval_command(commands)
-    args = parser.parse_args(argv)
-    if args.command == "embed":
-        sys.exit(embed_command(args))  # exit codes: service/bulk/command.py
-    elif args.command == "eval":
-        eval_command(args)

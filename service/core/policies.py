@@ -16,13 +16,16 @@ import itertools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
 
-from models import Preprocess
 from service.core.options import POLICY_NAMES, PolicyError, samples_for
+
+if TYPE_CHECKING:  # not at run time: `metta embed --server` checks S here on a machine that may have no torch
+    import torch
+
+    from models import Preprocess
 
 
 @dataclass(frozen=True)
@@ -208,6 +211,8 @@ def plan_views(
 
 
 def check_image(image: torch.Tensor) -> None:
+    import torch
+
     if not isinstance(image, torch.Tensor) or image.dtype != torch.uint8:
         raise PolicyError(f"an image must be a uint8 tensor, got {getattr(image, 'dtype', type(image))}")
     if image.ndim != 3 or image.shape[0] != 3:

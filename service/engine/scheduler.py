@@ -249,9 +249,11 @@ class Scheduler:
         if refusal is not None:
             raise self._refused(refusal)
 
-    def _refused(self, refusal: Overloaded) -> Overloaded:
-        """Remember a refusal until its Retry-After ends: the demand it stands for is coming back."""
-        self._refused_until.append(self.clock() + float(refusal.headers["Retry-After"]))
+    def _refused(self, refusal: ServiceError) -> ServiceError:
+        """Remember an overload refusal until its Retry-After ends: the demand it stands for is coming back (a
+        request refused for a deadline too short for its own crops is not: it has no Retry-After)."""
+        if "Retry-After" in refusal.headers:
+            self._refused_until.append(self.clock() + float(refusal.headers["Retry-After"]))
         return refusal
 
     def _refused_lately(self) -> int:
