@@ -1,10 +1,13 @@
-"""A Python client for metta-serve: `Client(url).embed(images)` → numpy arrays. Needs only httpx and numpy.
+"""A Python client for metta-serve: `Client(url).embed(images)` → numpy arrays, `.classify(images)` → labels.
+Needs only httpx and numpy.
 
 Images go as multipart files (no base64 inflation) and vectors come back as base64 float32 (no float
 parsing). A call with more images than one request may carry is split to fit the server's limits
 (read from GET /v1/models, else the defaults below); every part uses the same seed, so the result
 does not depend on the split. 429 (after its Retry-After), 503, 504 and connection errors are retried
-with backoff. This module must not import torch or the service's internals: it runs where they are not
+with backoff. `on_error="skip"`: a request refused for a bad image (400, 413, 415) is retried image by image,
+and the call returns the good images' results with each bad image's error beside them (`errors`, by input
+index). This module must not import torch or the service's internals: it runs where they are not
 installed.
 """
 
@@ -29,7 +32,9 @@ ImageInput = bytes | str | os.PathLike[str]  # raw bytes, or the path of an imag
 Samples = int | Literal["auto"] | None  # S; "auto": the server gives each request an S from its load
 MAX_SEED = 2**53 - 1
 AUTO_SAMPLES_MAX = 32  # the server's samples_max when an auto request gives none (tests keep them equal)
+OnError = Literal["raise", "skip"]  # a bad image fails the call, or is reported beside the others' results
 _RETRIED_STATUS = (429, 503, 504)
+_PER_IMAGE_STATUS = (400, 413, 415)  # a refusal caused by one image (undecodable, too large, unsupported)
 CONNECT_TIMEOUT_S = 5.0  # a server that does not accept the connection within this is not there
 _PART_OVERHEAD = 512  # multipart headers per image, generously
 _FORM_OVERHEAD = 8_192  # the option fields and boundaries of one request
@@ -44,17 +49,21 @@ class Limits:
     max_request_crops: int = 1024
     max_samples: int = 128
     default_samples: int = 3
+    classify_samples: int = 10  # the S of a /v1/classify request that gives none
 
     @classmethod
     def from_models(cls, reply: dict[str, Any]) -> Limits:
         cards = reply.get("data") or [{}]
-        given = cards[0].get("limits") or {}
+        given = dict(cards[0].get("limits") or {})
+        classify = (cards[0].get("defaults") or {}).get("classify") or {}
+        if "samples" in classify:
+            given["classify_samples"] = classify["samples"]
         return cls(**{name: int(given[name]) for name in cls.__dataclass_fields__ if name in given})
 
 
 @dataclass
 class Embeddings:
-    """One call's result: row i belongs to images[i]."""
+    """One call's result: row i belongs to images[indices[i]] (every image, in order, unless some were skipped)."""
 
     embeddings: np.ndarray  # (N, dim) float32
     variances: np.ndarray | None  # (N, dim) float32, when asked
@@ -65,6 +74,32 @@ class Embeddings:
     samples: int  # S of every image; with samples="auto", the least S any part of the call was given
     seed: int
     samples_per_image: np.ndarray  # (N,) int: the S each image got (parts of an auto call may differ)
+    indices: np.ndarray  # (N,) int: the input index of each row
+    errors: dict[int, MettaError]  # on_error="skip": why each skipped image was refused, by input index
+
+
+@dataclass(frozen=True)
+class Label:
+    class_index: int
+    label: str
+    probability: float
+
+
+@dataclass
+class Classifications:
+    """One classify call's result: entry i belongs to images[indices[i]]."""
+
+    labels: list[list[Label]]  # per image, most probable first (top_k of them)
+    uncertainty: list[dict[str, float | None]]  # per image: max_probability, entropy, dispersion, label_free_...
+    model: str
+    model_fingerprint: str
+    policy: str
+    samples: int
+    seed: int
+    temperature: float
+    calibrated: bool
+    indices: np.ndarray  # (N,) int: the input index of each entry
+    errors: dict[int, MettaError]  # on_error="skip": why each skipped image was refused, by input index
 
 
 class MettaError(Exception):
@@ -158,17 +193,36 @@ def plan_requests(sizes: Sequence[int], samples: int | None, limits: Limits,
 
 
 _Files = list[tuple[str, tuple[str, bytes, str]]]  # httpx's multipart `files`
+_Part = tuple[list[int], _Files]  # the input indices of one request's images, and their multipart files
+_Reply = tuple[list[int], dict[str, Any]]  # a request's input indices and its JSON reply
 
 
-def _requests(images: Sequence[ImageInput], options: _Options, limits: Limits,
-              images_per_request: int | None) -> list[_Files]:
-    """The multipart files of each request a call makes, in order."""
+def _requests(images: Sequence[ImageInput], samples: int | None, limits: Limits,
+              images_per_request: int | None) -> list[_Part]:
+    """The images and multipart files of each request a call makes, in order."""
     if not images:
         raise ValueError("no images given")
     datas = [read_image(image) for image in images]
-    groups = plan_requests([upload_size(d) for d in datas], _planned_samples(options, limits), limits,
-                           images_per_request)
-    return [[("images", (f"image-{i}", datas[i], "application/octet-stream")) for i in group] for group in groups]
+    groups = plan_requests([upload_size(d) for d in datas], samples, limits, images_per_request)
+    return [(list(group), [("images", (f"image-{i}", datas[i], "application/octet-stream")) for i in group])
+            for group in groups]
+
+
+def _split_on_refusal(error: MettaError, part: _Part, on_error: OnError) -> list[_Part] | None:
+    """After a refused request: the single-image requests to try instead, or None when `part` is one image
+    (its error is the image's); raises when the refusal is not an image's fault or errors are not skipped."""
+    if on_error == "raise" or error.status not in _PER_IMAGE_STATUS:
+        raise error
+    indices, files = part
+    if len(indices) == 1:
+        return None
+    return [([index], [one]) for index, one in zip(indices, files, strict=True)]
+
+
+def _classify_form(top_k: int | None, samples: int | None, policy: str | None, seed: int,
+                   model: str | None) -> dict[str, str]:
+    given = {"top_k": top_k, "samples": samples, "policy": policy, "model": model}
+    return {"seed": str(seed), **{name: str(value) for name, value in given.items() if value is not None}}
 
 
 def _vector(value: str | list[float]) -> np.ndarray:
@@ -177,17 +231,45 @@ def _vector(value: str | list[float]) -> np.ndarray:
     return np.asarray(value, dtype=np.float32)
 
 
-def _merge(replies: list[dict[str, Any]], options: _Options) -> Embeddings:
-    entries = [entry for reply in replies for entry in sorted(reply["data"], key=lambda e: e["index"])]
-    samples = np.array([reply["samples"] for reply in replies for _ in reply["data"]], dtype=np.int64)
-    first = replies[0]
+def _entries(replies: list[_Reply]) -> tuple[list[dict[str, Any]], list[int], list[dict[str, Any]]]:
+    """Every image's entry in input order, its input index, and the reply it came in."""
+    rows = sorted((indices[entry["index"]], entry, reply) for indices, reply in replies for entry in reply["data"])
+    return [entry for _, entry, _ in rows], [index for index, _, _ in rows], [reply for _, _, reply in rows]
+
+
+def _merge(replies: list[_Reply], options: _Options, errors: dict[int, MettaError]) -> Embeddings:
+    entries, indices, owners = _entries(replies)
+    samples = np.array([reply["samples"] for reply in owners], dtype=np.int64)
+    first: dict[str, Any] = owners[0] if owners else {"model": "", "model_fingerprint": "", "policy": "",
+                                                      "seed": options.seed}
+
+    def stack(key: str) -> np.ndarray:
+        return np.stack([_vector(e[key]) for e in entries]) if entries else np.zeros((0, 0), np.float32)
+
     return Embeddings(
-        embeddings=np.stack([_vector(e["embedding"]) for e in entries]),
-        variances=np.stack([_vector(e["variance"]) for e in entries]) if options.return_variance else None,
+        embeddings=stack("embedding"),
+        variances=stack("variance") if options.return_variance else None,
         dispersions=(np.array([e["dispersion"] for e in entries], dtype=np.float64)
                      if options.return_dispersion else None),
         model=first["model"], model_fingerprint=first["model_fingerprint"], policy=first["policy"],
-        samples=int(samples.min()), seed=first["seed"], samples_per_image=samples,
+        samples=int(samples.min()) if len(samples) else 0, seed=first["seed"], samples_per_image=samples,
+        indices=np.array(indices, dtype=np.int64), errors=dict(sorted(errors.items())),
+    )
+
+
+def _merge_classify(replies: list[_Reply], seed: int, errors: dict[int, MettaError]) -> Classifications:
+    entries, indices, owners = _entries(replies)
+    first: dict[str, Any] = owners[0] if owners else {"model": "", "model_fingerprint": "", "policy": "",
+                                                      "samples": 0, "seed": seed, "temperature": 1.0,
+                                                      "calibrated": False}
+    return Classifications(
+        labels=[[Label(int(x["class_index"]), str(x["label"]), float(x["probability"])) for x in e["labels"]]
+                for e in entries],
+        uncertainty=[dict(e["uncertainty"]) for e in entries],
+        model=first["model"], model_fingerprint=first["model_fingerprint"], policy=first["policy"],
+        samples=int(first["samples"]), seed=int(first["seed"]), temperature=float(first["temperature"]),
+        calibrated=bool(first["calibrated"]), indices=np.array(indices, dtype=np.int64),
+        errors=dict(sorted(errors.items())),
     )
 
 
@@ -259,16 +341,47 @@ class Client:
     def embed(self, images: Sequence[ImageInput], *, samples: Samples = None, policy: str | None = None,
               seed: int | None = None, return_variance: bool = False, return_dispersion: bool = False,
               normalize: bool = False, model: str | None = None, samples_min: int | None = None,
-              samples_max: int | None = None) -> Embeddings:
+              samples_max: int | None = None, on_error: OnError = "raise") -> Embeddings:
         """Mean embeddings of `images` (bytes or file paths), in order, as numpy arrays.
 
         `samples="auto"` (with `samples_min`, `samples_max`): the server gives each request the largest S in
-        that range its load allows; see `samples_per_image`."""
+        that range its load allows; see `samples_per_image`. `on_error="skip"`: bad images are left out and
+        their errors returned in `errors` (rows map to inputs through `indices`)."""
         options = _options(samples, samples_min, samples_max, policy, seed, return_variance, return_dispersion,
                            normalize, model)
-        requests = _requests(images, options, self.limits(), self.images_per_request)
-        return _merge([self._send("POST", "/v1/embeddings", data=options.form(), files=files).json()
-                       for files in requests], options)
+        limits = self.limits()
+        parts = _requests(images, _planned_samples(options, limits), limits, self.images_per_request)
+        errors: dict[int, MettaError] = {}
+        replies = self._post_all("/v1/embeddings", options.form(), parts, on_error, errors)
+        return _merge(replies, options, errors)
+
+    def classify(self, images: Sequence[ImageInput], *, top_k: int | None = None, samples: int | None = None,
+                 policy: str | None = None, seed: int | None = None, model: str | None = None,
+                 on_error: OnError = "raise") -> Classifications:
+        """The model head's labels of `images` on the mean of their views (`POST /v1/classify`), in order."""
+        chosen = secrets.randbelow(MAX_SEED + 1) if seed is None else seed
+        limits = self.limits()
+        parts = _requests(images, samples or limits.classify_samples, limits, self.images_per_request)
+        errors: dict[int, MettaError] = {}
+        replies = self._post_all("/v1/classify", _classify_form(top_k, samples, policy, chosen, model), parts,
+                                 on_error, errors)
+        return _merge_classify(replies, chosen, errors)
+
+    def _post_all(self, path: str, form: dict[str, str], parts: list[_Part], on_error: OnError,
+                  errors: dict[int, MettaError]) -> list[_Reply]:
+        replies: list[_Reply] = []
+        pending = list(reversed(parts))
+        while pending:
+            part = pending.pop()
+            try:
+                replies.append((part[0], self._send("POST", path, data=form, files=part[1]).json()))
+            except MettaError as exc:
+                singles = _split_on_refusal(exc, part, on_error)
+                if singles is None:
+                    errors[part[0][0]] = exc
+                else:
+                    pending.extend(reversed(singles))
+        return replies
 
     def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         for attempt in itertools.count():
@@ -329,19 +442,45 @@ class AsyncClient:
     async def embed(self, images: Sequence[ImageInput], *, samples: Samples = None, policy: str | None = None,
                     seed: int | None = None, return_variance: bool = False, return_dispersion: bool = False,
                     normalize: bool = False, model: str | None = None, samples_min: int | None = None,
-                    samples_max: int | None = None) -> Embeddings:
+                    samples_max: int | None = None, on_error: OnError = "raise") -> Embeddings:
         """Mean embeddings of `images` (bytes or file paths), in order, as numpy arrays (see `Client.embed`)."""
         options = _options(samples, samples_min, samples_max, policy, seed, return_variance, return_dispersion,
                            normalize, model)
-        requests = _requests(images, options, await self.limits(), self.images_per_request)
+        limits = await self.limits()
+        parts = _requests(images, _planned_samples(options, limits), limits, self.images_per_request)
+        errors: dict[int, MettaError] = {}
+        replies = await self._post_all("/v1/embeddings", options.form(), parts, on_error, errors)
+        return _merge(replies, options, errors)
 
-        async def one(files: _Files) -> dict[str, Any]:
-            async with self._slots:
-                reply: dict[str, Any] = (await self._send("POST", "/v1/embeddings", data=options.form(),
-                                                          files=files)).json()
-            return reply
+    async def classify(self, images: Sequence[ImageInput], *, top_k: int | None = None, samples: int | None = None,
+                       policy: str | None = None, seed: int | None = None, model: str | None = None,
+                       on_error: OnError = "raise") -> Classifications:
+        """The model head's labels of `images` (see `Client.classify`)."""
+        chosen = secrets.randbelow(MAX_SEED + 1) if seed is None else seed
+        limits = await self.limits()
+        parts = _requests(images, samples or limits.classify_samples, limits, self.images_per_request)
+        errors: dict[int, MettaError] = {}
+        replies = await self._post_all("/v1/classify", _classify_form(top_k, samples, policy, chosen, model), parts,
+                                       on_error, errors)
+        return _merge_classify(replies, chosen, errors)
 
-        return _merge(list(await asyncio.gather(*(one(files) for files in requests))), options)
+    async def _post_all(self, path: str, form: dict[str, str], parts: list[_Part], on_error: OnError,
+                        errors: dict[int, MettaError]) -> list[_Reply]:
+        """Every part, `concurrency` at a time; a refused part is split into its images (`_split_on_refusal`)."""
+        async def one(part: _Part) -> list[_Reply]:
+            try:
+                async with self._slots:
+                    reply: dict[str, Any] = (await self._send("POST", path, data=form, files=part[1])).json()
+                return [(part[0], reply)]
+            except MettaError as exc:
+                singles = _split_on_refusal(exc, part, on_error)
+                if singles is None:
+                    errors[part[0][0]] = exc
+                    return []
+                return [reply for done in await asyncio.gather(*(one(single) for single in singles))
+                        for reply in done]
+
+        return [reply for done in await asyncio.gather(*(one(part) for part in parts)) for reply in done]
 
     async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         for attempt in itertools.count():

@@ -1,9 +1,9 @@
 """A bulk run against a running metta-serve (`--server URL`), through `service.client.AsyncClient`.
 
 Files are read and hashed a few at a time in threads, packed into requests that fit the server's
-limits, and `concurrency` requests are kept in flight; the client retries 429/503/504. A request the
-server refuses for one bad image (400/413/415) is retried image by image, so only the bad ones are
-logged and skipped. Rows reach the dataset on the event loop's thread only.
+limits, and `concurrency` requests are kept in flight; the client retries 429/503/504 and, asked to skip
+bad images, retries a request refused for one bad image (400/413/415) image by image, so only the bad
+ones are logged and skipped. Rows reach the dataset on the event loop's thread only.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from service.bulk.progress import Progress
 from service.bulk.sources import read_source
 from service.client import AsyncClient, MettaError, request_capacity, upload_size
 
-_PER_IMAGE_REFUSALS = (400, 413, 415)  # the image's fault: skip it, go on
 _USAGE_REFUSALS = (401, 403, 422)  # the command's fault (key, options): stop, exit 2
 
 
@@ -63,32 +62,30 @@ async def run_remote(files: list[str], dataset: Dataset, errors: ErrorLog, progr
             await batches.put(None)
 
     async def send(batch: list[InputFile]) -> None:
-        try:
+        try:  # a request refused for one bad image is retried image by image: only the bad ones are skipped
             reply = await client.embed([item.data or b"" for item in batch], samples=options.samples,
                                        policy=options.policy, seed=options.seed, return_variance=options.variance,
-                                       return_dispersion=options.dispersion, normalize=options.normalize)
+                                       return_dispersion=options.dispersion, normalize=options.normalize,
+                                       on_error="skip")
         except httpx.HTTPError as exc:  # the connection kept failing through every retry
             raise RemoteFailed(f"the server could not be reached: {exc}") from None
         except MettaError as exc:
             if exc.status in _USAGE_REFUSALS:
                 raise UsageError(f"the server refused the request: {exc}") from None
-            if exc.status not in _PER_IMAGE_REFUSALS:
-                raise RemoteFailed(f"the server failed: {exc}") from None
-            if len(batch) > 1:  # which image? ask for each alone
-                for item in batch:
-                    await send([item])
-                return
-            errors.add(batch[0].path, exc.type, exc.message.replace("images[0]", display_path(batch[0].path)))
+            raise RemoteFailed(f"the server failed: {exc}") from None
+        for index, error in reply.errors.items():
+            item = batch[index]
+            errors.add(item.path, error.type, error.message.replace("images[0]", display_path(item.path)))
             progress.add_bad()
-            return
-        if reply.model_fingerprint != dataset.run.model_fingerprint:
+        if len(reply.indices) and reply.model_fingerprint != dataset.run.model_fingerprint:
             raise UsageError(f"the server's model changed during the run ({dataset.run.model_fingerprint} -> "
                              f"{reply.model_fingerprint}); run again to resume against the new one")
-        for i, item in enumerate(batch):
-            variance = reply.variances[i] if reply.variances is not None else None
-            dispersion = float(reply.dispersions[i]) if reply.dispersions is not None else None
-            dataset.add(Row(item.path, item.sha256, reply.embeddings[i], variance, dispersion))
-        progress.add_embedded(len(batch))
+        for row, index in enumerate(reply.indices):
+            item = batch[index]
+            variance = reply.variances[row] if reply.variances is not None else None
+            dispersion = float(reply.dispersions[row]) if reply.dispersions is not None else None
+            dataset.add(Row(item.path, item.sha256, reply.embeddings[row], variance, dispersion))
+        progress.add_embedded(len(reply.indices))
 
     async def sender() -> None:
         while (batch := await batches.get()) is not None:

@@ -228,3 +228,18 @@ async def test_auto_samples_shrink_under_load_and_equal_a_fixed_s_request() -> N
     assert reply["usage"]["crops"] == 6
     assert reply["data"][0]["embedding"] == fixed["data"][0]["embedding"]  # prefix-stable: a fixed S=6 request
     assert 'metta_samples_shrunk_total{endpoint="/v1/embeddings"} 1.0' in metrics
+
+
+async def test_the_python_clients_classify_matches_the_endpoint_and_skips_a_bad_image(dummy_with_head) -> None:
+    from service.client import AsyncClient
+
+    async with serve(dummy_with_head, **SETTINGS) as http:
+        direct = (await http.post("/v1/classify", files=[("images", png_bytes(1))], data={"seed": "5",
+                                                                                         "top_k": "3"})).json()
+        client = AsyncClient("http://test", transport=http._transport)  # the same in-process app
+        got = await client.classify([png_bytes(1), b"not an image", png_bytes(1)], top_k=3, seed=5,
+                                    on_error="skip")
+    assert got.indices.tolist() == [0, 2] and list(got.errors) == [1] and got.errors[1].status == 400
+    assert [label.class_index for label in got.labels[0]] == [x["class_index"] for x in direct["data"][0]["labels"]]
+    assert got.labels[0][0].probability == pytest.approx(direct["data"][0]["labels"][0]["probability"], rel=1e-5)
+    assert (got.policy, got.samples, got.temperature) == (direct["policy"], direct["samples"], direct["temperature"])

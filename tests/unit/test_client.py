@@ -120,3 +120,71 @@ def test_the_clients_auto_default_is_the_servers() -> None:
     from service.core.options import AUTO_SAMPLES_MAX as SERVER_DEFAULT
 
     assert AUTO_SAMPLES_MAX == SERVER_DEFAULT
+
+
+class Picky(Script):
+    """Refuses a whole request with 400 when any image in it starts with b"!" (as the server does); classifies."""
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        body = request.read()
+        if request.url.path != "/v1/models" and b'\r\n\r\n!' in body:
+            self.posts.append(request)
+            return httpx.Response(400, json={"error": {"type": "invalid_image", "message": "images[0]: not an image"}})
+        if request.url.path == "/v1/classify":
+            self.posts.append(request)
+            count = body.count(b'name="images"')
+            top_k = int(body.split(b'name="top_k"\r\n\r\n')[1].split(b"\r\n")[0])
+            firsts = [part.split(b"\r\n\r\n", 1)[1][0] for part in body.split(b'name="images"')[1:]]
+            data = [{"index": i, "labels": [{"class_index": firsts[i] + k, "label": f"c{firsts[i] + k}",
+                                             "probability": 0.5 / (k + 1)} for k in range(top_k)],
+                     "uncertainty": {"max_probability": 0.5, "entropy": 1.0, "dispersion": None,
+                                     "label_free_uncertainty": 2.0}} for i in range(count)]
+            return httpx.Response(200, json={"model": "m", "model_fingerprint": "fp", "policy": "crop_flip",
+                                             "samples": 10, "seed": 4, "temperature": 1.5, "calibrated": True,
+                                             "data": data, "usage": {"images": count, "crops": 10 * count}})
+        return super().__call__(request)
+
+
+def test_on_error_skip_returns_the_good_images_with_each_bad_ones_error_and_raise_stays_the_default() -> None:
+    script = Picky()
+    images = [b"a", b"!", b"c", b"d", b"!"]
+    with Client("http://metta", transport=httpx.MockTransport(script)) as client:
+        result = client.embed(images, seed=1, on_error="skip")
+        assert result.indices.tolist() == [0, 2, 3] and result.embeddings[:, 0].tolist() == [ord("a"), ord("c"),
+                                                                                               ord("d")]
+        assert sorted(result.errors) == [1, 4] and result.errors[1].type == "invalid_image"
+        with pytest.raises(MettaError):
+            client.embed(images)
+
+    async def go():
+        async with AsyncClient("http://metta", transport=httpx.MockTransport(Picky())) as aclient:
+            return await aclient.embed(images, seed=1, on_error="skip")
+
+    again = asyncio.run(go())
+    assert again.indices.tolist() == [0, 2, 3] and sorted(again.errors) == [1, 4]
+    np.testing.assert_array_equal(again.embeddings, result.embeddings)
+
+
+def test_classify_sync_and_async_gives_labels_per_image_in_order() -> None:
+    images = [b"a", b"b", b"!", b"c"]
+    with Client("http://metta", transport=httpx.MockTransport(Picky())) as client:
+        result = client.classify(images, top_k=2, on_error="skip")
+
+    async def go():
+        async with AsyncClient("http://metta", transport=httpx.MockTransport(Picky())) as aclient:
+            return await aclient.classify(images, top_k=2, on_error="skip")
+
+    for got in (result, asyncio.run(go())):
+        assert got.indices.tolist() == [0, 1, 3] and list(got.errors) == [2]
+        assert [labels[0].class_index for labels in got.labels] == [ord("a"), ord("b"), ord("c")]
+        assert [label.probability for label in got.labels[0]] == [0.5, 0.25]
+        assert got.temperature == 1.5 and got.calibrated and got.uncertainty[0]["entropy"] == 1.0
+
+
+def test_retries_are_counted() -> None:
+    script = Script(httpx.Response(503, json={"error": {"type": "not_ready", "message": "warming"}}),
+                    httpx.Response(429, headers={"retry-after": "0"}, json={"error": {"type": "overloaded",
+                                                                                      "message": "busy"}}))
+    with Client("http://metta", transport=httpx.MockTransport(script)) as client:
+        client.embed([b"x"], seed=3)
+        assert client.retried == 2
