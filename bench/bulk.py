@@ -2,7 +2,7 @@
 
     python -m bench.bulk --images 10000 --out /tmp/bulk.json
 
-1. A folder of N images: the sample photos (../shared/data/imagenet-sample) re-encoded at varied sizes
+1. A folder of N images: the sample photos ($METTA_SAMPLES_DIR) re-encoded at varied sizes
    (0.4x to 1.6x), or synthetic JPEGs of their sizes when the photos are absent (`"photos": "synthetic"`).
 2. The library: `embed()` over the same files in chunks of 64, decode included (one thread, as a user's loop).
 3. `metta embed` locally: images/s, and the peak RSS of its process tree minus its RSS right after the

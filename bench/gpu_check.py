@@ -29,7 +29,7 @@ import torch
 
 from bench.gpu_round2 import exif_rotation, render_calls
 from bench.raw_limit import measure
-from service.testing import REPO, Photos, photos, start_process
+from service.testing import REPO, SAMPLE_DIR, Photos, photos, start_process
 
 MODELS = (("efficientnet_lite0", False), ("resnet50", True))  # (name, random weights)
 
@@ -75,7 +75,7 @@ def service_bench(model: str, random_weights: bool, device: str, points: list[tu
 
     pictures = photos(64)
     if pictures.source == "synthetic":
-        log("no sample photos in ../shared/data/imagenet-sample: the service benchmark uses synthetic JPEGs")
+        log(f"no sample photos in {SAMPLE_DIR}: the service benchmark uses synthetic JPEGs")
     bodies = {s: json_bodies(pictures.images, s) for s, _ in points}
     # No batching flags: the service's per-device defaults (settings.BATCHING_DEFAULTS) are what is measured.
     cmd, ready = server_args(kind, model, torch.get_num_threads(), random_weights, device)

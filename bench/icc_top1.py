@@ -1,6 +1,6 @@
 """Top-1 of the model's own head on the sample photos, central crop, with ICC → sRGB at decode on and off.
 
-    .venv/bin/python -m bench.icc_top1 [--data /work/shared/data/imagenet-sample] [--model efficientnet_lite0]
+    .venv/bin/python -m bench.icc_top1 [--data DIR (default: $METTA_SAMPLES_DIR)] [--model efficientnet_lite0]
 
 Each photo is decoded both ways (the service's decoder, `icc_to_srgb` True and False); photos whose pixels
 do not change (no profile, or an sRGB one) are embedded once. One central crop per photo (`center`, S=1),
@@ -22,6 +22,7 @@ from evaluation.data import MAX_PIXELS, MAX_SIDE, load_samples
 from models import LoadedModel, create_model
 from service.core.decode import decode_image
 from service.core.embedding import embed
+from service.testing import SAMPLE_DIR
 
 
 def predicted_class(model: LoadedModel, image: torch.Tensor) -> int:
@@ -32,12 +33,16 @@ def predicted_class(model: LoadedModel, image: torch.Tensor) -> int:
     return int(logits.argmax(dim=1).item())
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, default=Path("/work/shared/data/imagenet-sample"))
+    parser.add_argument("--data", type=Path, default=SAMPLE_DIR, help="the sample photos (default: $METTA_SAMPLES_DIR)")
     parser.add_argument("--model", default="efficientnet_lite0")
     parser.add_argument("--limit", type=int, default=None)
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     model = create_model(args.model)
     samples = load_samples(args.data, args.limit)
     started = time.perf_counter()

@@ -6,7 +6,7 @@
 First (unless --rate is given) it measures capacity: closed-loop clients send the same mix for
 --calibrate-s seconds and the served requests/s is taken as capacity. Then requests arrive open-loop
 (Poisson) at --load x capacity for --minutes: S drawn from {1 (center), 4, 8, 16}, 1-2 real photos
-(../shared/data/imagenet-sample, else synthetic JPEGs of their sizes), and --bad-fraction of bad inputs of every
+($METTA_SAMPLES_DIR, else synthetic JPEGs of their sizes), and --bad-fraction of bad inputs of every
 kind (not an image, truncated JPEG, SVG, a decompression bomb, bad options, invalid base64).
 Reported: requests served, replies by status and error type, latency percentiles of the good ones,
 the server's RSS at start and end (and peak), the queue gauge's peak, and the process's final state.

@@ -20,9 +20,10 @@ from evaluation import report, studies
 from evaluation.data import QueryEdits, decode_file, load_samples, make_query
 from evaluation.views import cached_per_view
 from service.core.policies import CropFlipPolicy, MultiscalePolicy
+from service.testing import SAMPLE_DIR
 
 STUDIES = ("classification", "retrieval", "uncertainty", "convergence")
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
+DEFAULT_DATA = SAMPLE_DIR  # $METTA_SAMPLES_DIR, else ../shared/data/imagenet-sample
 log = logging.getLogger("metta.eval")
 
 

@@ -6,8 +6,9 @@ tricks. Only the standard library at import time; numpy and Pillow only to draw 
 - `start_server(log_dir, *flags)`: `python -m service FLAGS` on a free loopback port, returned once
   /readyz says 200; `start_process` does the same for any `python -m MODULE` that takes --host/--port.
   Stopped by its PID (`terminate`: SIGTERM, then wait), its output in a log file.
-- `photos(limit)`: the sample photos (../shared/data/imagenet-sample), else synthetic JPEGs of the same
-  sizes, and says which (`Photos.source`). Speed figures may use either; quality figures need the photos.
+- `photos(limit)`: the sample photos ($METTA_SAMPLES_DIR, else ../shared/data/imagenet-sample), else
+  synthetic JPEGs of the same sizes, and says which (`Photos.source`). Speed figures may use either;
+  quality figures need the photos.
 - `rss_bytes(pid)`, `tree_memory(pid)`: resident memory of a process, of a process and its descendants.
 """
 
@@ -29,7 +30,17 @@ from pathlib import Path
 from typing import IO, Literal, NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE_DIR = REPO.parent / "shared" / "data" / "imagenet-sample"
+SAMPLES_ENV = "METTA_SAMPLES_DIR"  # where the sample photos are, for tests, bench/ and `metta eval`
+DEFAULT_SAMPLE_DIR = REPO.parent / "shared" / "data" / "imagenet-sample"  # beside the checkout
+
+
+def sample_dir() -> Path:
+    """The sample photos' folder: $METTA_SAMPLES_DIR when set, else ../shared/data/imagenet-sample."""
+    given = os.environ.get(SAMPLES_ENV)
+    return Path(given).expanduser() if given else DEFAULT_SAMPLE_DIR
+
+
+SAMPLE_DIR = sample_dir()
 # The sample photos' commonest sizes (width, height), in about their proportions: what synthetic photos use.
 SYNTHETIC_SIZES = ((500, 375), (500, 333), (375, 500), (500, 375), (333, 500), (500, 334), (500, 375), (640, 480))
 

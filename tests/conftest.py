@@ -31,7 +31,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def sample_dir() -> Path:
     """The shared ImageNet sample photos; tests that need them skip when they are absent."""
     if not (testing.SAMPLE_DIR / "labels.tsv").is_file():
-        pytest.skip(f"sample photos not found at {testing.SAMPLE_DIR} (they live in ../shared, beside the checkout)")
+        pytest.skip(f"sample photos not found at {testing.SAMPLE_DIR} (set {testing.SAMPLES_ENV} to their folder)")
     return testing.SAMPLE_DIR
 
 

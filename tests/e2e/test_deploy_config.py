@@ -229,3 +229,13 @@ def test_docker_compose_config(files: list[Path]) -> None:
     assert serve["read_only"] is True
     gpu = serve.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices")
     assert bool(gpu) == (len(files) == 2), "GPU reservation only with the override"
+
+
+def test_composes_cpu_service_builds_the_cpu_only_image_the_kubernetes_cpu_overlay_expects() -> None:
+    cpu = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["metta-serve"]
+    gpu = yaml.safe_load((REPO / "docker-compose.gpu.yml").read_text())["services"]["metta-serve"]
+    assert cpu["build"]["args"]["TORCH_INDEX_URL"].endswith("-https://download.pytorch.org/whl/cpu}")
+    assert cpu["image"].endswith(":cpu") and gpu["image"].endswith(":latest")
+    assert gpu["build"]["args"]["TORCH_INDEX_URL"] == ""  # the CUDA build from PyPI
+    overlay = yaml.safe_load((REPO / "docker/kubernetes/overlays/cpu/kustomization.yaml").read_text())
+    assert overlay["images"][0]["newTag"].endswith("-cpu")

@@ -26,7 +26,7 @@ ALLOWED: dict[str, set[str]] = {
     "service.cli": {"models", "service.core", "service.settings", "service.api", "service.bulk", "evaluation"},
     "service.testing": set(),
     "service.hostile": set(),
-    "evaluation": {"models", "service.core", "evaluation", "service.client"},
+    "evaluation": {"models", "service.core", "evaluation", "service.client", "service.testing"},
 }
 WEB_FRAMEWORKS = {"fastapi", "starlette", "uvicorn"}
 

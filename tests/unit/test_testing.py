@@ -53,3 +53,14 @@ def test_memory_of_a_process_and_of_its_tree() -> None:
 def test_free_port_can_be_bound() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", testing.free_port()))
+
+
+def test_metta_samples_dir_points_tests_bench_and_eval_at_the_photos(tmp_path: Path) -> None:
+    code = ("import sys; from service import testing; from evaluation import cli; from bench import icc_top1\n"
+            "print(testing.SAMPLE_DIR); print(cli.DEFAULT_DATA)\n"
+            "print(icc_top1.parse_args([]).data)")
+    env = {**os.environ, "METTA_SAMPLES_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], cwd=testing.REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(tmp_path)] * 3

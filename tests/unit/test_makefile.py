@@ -1,0 +1,40 @@
+"""The Makefile as a newcomer meets it: `make help` lists every target, lint checks every code folder,
+`make serve` sends no OpenVINO telemetry."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from service.testing import REPO
+
+pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+
+
+def make(*args: str) -> str:
+    done = subprocess.run(["make", "--no-print-directory", "-C", str(REPO), *args], capture_output=True, text=True,
+                          timeout=60, env={"PATH": "/usr/bin:/bin", "VENV": ".venv"})
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_make_help_lists_every_target_with_a_line() -> None:
+    targets = set(re.findall(r"^([a-z][a-z-]*):", (REPO / "Makefile").read_text(), re.MULTILINE))
+    listed = set(re.findall(r"^  make (\S+)\s+\S", make("help"), re.MULTILINE))
+    assert listed == targets, f"targets without a help line: {sorted(targets - listed)}"
+
+
+def test_lint_runs_ruff_over_every_code_folder_and_mypy_over_the_typed_ones() -> None:
+    commands = make("-n", "-o", ".venv/.installed-stamp", "lint").splitlines()
+    ruff = next(line for line in commands if "ruff check" in line).split("ruff check", 1)[1].split()
+    mypy = next(line for line in commands if "mypy" in line).split("mypy", 1)[1].split()
+    assert set(ruff) == {"service", "models", "evaluation", "tests", "bench"}
+    assert set(mypy) <= set(ruff) and set(mypy) == {"service", "models", "evaluation"}
+
+
+def test_make_serve_opts_out_of_openvino_telemetry() -> None:
+    serve = make("-n", "-o", ".venv/.installed-stamp", "serve")
+    assert "CI=true" in serve and "metta-serve" in serve  # OpenVINO's consent check declines in CI
