@@ -37,6 +37,7 @@ from service.bulk.files import Inputs, UsageError
 from service.bulk.local import DecodeLimits, Prepared, ordered_map, prepare_bytes
 from service.bulk.progress import Progress
 from service.bulk.sources import find_inputs, is_uri, read_source
+from service.core.embedding import ImageJob, embed_stream
 from service.settings import Settings
 
 _DEFAULTS = Settings.model_fields
@@ -121,7 +122,7 @@ class ImageEmbedder:
         def prepare(index: int) -> Prepared:
             return prepare_bytes(labels[index], "", data[index], model, self.options, spec.limits)
 
-        def jobs() -> Iterator[tuple[int, object]]:
+        def jobs() -> Iterator[tuple[int, ImageJob]]:
             todo = [i for i in range(len(data)) if data[i] is not None and not kinds[i]]
             for index, item in zip(todo, ordered_map(self.pool, prepare, todo, ahead=8), strict=True):
                 if item.job is not None:
@@ -129,9 +130,7 @@ class ImageEmbedder:
                 elif item.error is not None:
                     kinds[index], messages[index] = item.error
 
-        from service.core.embedding import embed_stream
-
-        results = dict(embed_stream(model, jobs(), max_batch_crops=spec.max_batch_crops))  # type: ignore[arg-type]
+        results = dict(embed_stream(model, jobs(), max_batch_crops=spec.max_batch_crops))
         dim, rows = model.dim, len(data)
         embedded = np.array([i in results for i in range(rows)])
         columns = {"embedding": _vector_column([r.embedding for r in results.values()], embedded, dim)}
