@@ -148,13 +148,14 @@ def write_set(out: Path, count: int, formats: list[str]) -> list[Path]:
             if fmt == "jpeg":
                 path = out / f"{index:04d}{'-rot6' if rotate else ''}{'-p3' if p3 else ''}.jpg"
                 path.write_bytes(camera_jpeg(picture, rotate=rotate, p3=p3))
-            elif fmt in ("heic", "avif"):
-                if fmt == "heic":
-                    import pillow_heif
+            elif fmt == "heic":  # pillow-heif's encoder, its opener not registered (pi-heif decodes)
+                import pillow_heif
 
-                    pillow_heif.register_heif_opener()
-                path = out / f"{index:04d}.{fmt}"
-                picture.save(path, fmt.upper(), quality=80)
+                path = out / f"{index:04d}.heic"
+                pillow_heif.from_pillow(picture).save(path, quality=80)
+            elif fmt == "avif":
+                path = out / f"{index:04d}.avif"
+                picture.save(path, "AVIF", quality=80)
             elif fmt == "png":
                 path = out / f"{index:04d}.png"
                 picture.save(path, "PNG", compress_level=1)

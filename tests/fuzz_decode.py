@@ -71,6 +71,13 @@ def seed_images() -> dict[str, bytes]:
     out["comments.gif"] = hostile.gif_many_comments(300)
     out["strips-over.tif"] = hostile.tiff_many_strips(500)
     out["float-flat.tif"] = hostile.float_tiff(640, 480)
+    save("rgb.avif", rgb, "AVIF", quality=60)
+    save("exif.avif", rgb, "AVIF", quality=60, exif=exif)
+    import pillow_heif  # the HEIC encoder (a dev dependency); its opener is not registered: pi-heif decodes
+
+    heic = io.BytesIO()
+    pillow_heif.from_pillow(rgb).save(heic, quality=60)
+    out["rgb.heic"] = heic.getvalue()
     return out
 
 

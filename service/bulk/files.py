@@ -17,7 +17,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 # Extensions of the formats decode.py opens, compared in lower case (ImageNet's .JPEG included).
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff",
+                              ".heic", ".heif", ".hif", ".avif"})
 NOT_A_FILE = "not_a_regular_file"  # the error type of a FIFO, socket, device or folder given as an image
 UNREADABLE = "unreadable"
 TOO_LARGE = "payload_too_large"  # as the server's 413

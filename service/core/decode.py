@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Iterator
 
 import numpy as np
+import pi_heif
 import torch
 from PIL import Image, UnidentifiedImageError
 
@@ -26,8 +27,12 @@ from service.core.colour import budget_pixels, to_rgb
 from service.core.errors import InvalidImage, PayloadTooLarge
 from service.core.precheck import check_structure
 
-# Pillow format ids: JPEG, PNG, WebP, GIF (first frame), BMP, TIFF (first page).
-ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+# Pillow format ids: JPEG, PNG, WebP, GIF (first frame), BMP, TIFF (first page), HEIF (HEIC: the primary
+# image, through pi-heif, a decode-only libheif + libde265 build) and AVIF (Pillow's own libavif; the first
+# frame of a sequence).
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "HEIF", "AVIF")
+# Only the primary image: thumbnails, depth maps and auxiliary images are neither read nor decoded.
+pi_heif.register_heif_opener(thumbnails=False, depth_images=False, aux_images=False)
 _ORIENTATION = 0x0112  # the EXIF tag
 Image.MAX_IMAGE_PIXELS = None  # one cap, ours (see the module docstring)
 bmp_rle.install()  # run-length BMPs at a cost that follows the file, not the pixels
