@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-PolicyName = Literal["center", "crop_flip", "multiscale"]
+PolicyName = Literal["center", "crop_flip", "multiscale", "ten_crop"]
 POLICY_NAMES: tuple[str, ...] = get_args(PolicyName)
 ONE_VIEW_POLICIES = frozenset({"center"})  # policies that make exactly one view: S is always 1
+MOST_VIEWS = {"ten_crop": 10}  # policies with a fixed list of distinct views: S at most this
 MAX_SEED = 2**53 - 1  # seeds are exact in a JSON number (a double)
 AUTO_SAMPLES_MIN = 2  # `samples: "auto"` bounds when a request gives none (the issue's defaults)
 AUTO_SAMPLES_MAX = 32
@@ -29,6 +30,8 @@ def samples_for(policy: str, requested: int | None, default: int) -> int:
     samples = default if requested is None else requested
     if samples < 1:
         raise PolicyError(f"samples must be at least 1, got {samples}")
+    if samples > MOST_VIEWS.get(policy, samples):
+        raise PolicyError(f"the {policy} policy makes at most {MOST_VIEWS[policy]} distinct views, not {samples}")
     return samples
 
 
@@ -38,12 +41,15 @@ def check_seed(seed: int) -> None:
 
 
 def auto_samples_range(policy: str, samples_min: int, samples_max: int, max_samples: int) -> tuple[int, int]:
-    """The S range an auto request may get: samples_max capped by the server's max_samples; a one-view
-    policy always gets (1, 1)."""
+    """The S range an auto request may get: samples_max capped by the server's max_samples and by the policy's
+    distinct views; a one-view policy always gets (1, 1)."""
     if policy in ONE_VIEW_POLICIES:
         return 1, 1
     if samples_min > samples_max:
         raise PolicyError(f"samples_min ({samples_min}) is above samples_max ({samples_max})")
     if samples_min > max_samples:
         raise PolicyError(f"samples_min ({samples_min}) is above the server's max_samples ({max_samples})")
-    return samples_min, min(samples_max, max_samples)
+    most = MOST_VIEWS.get(policy, samples_max)
+    if samples_min > most:
+        raise PolicyError(f"samples_min ({samples_min}) is above the {most} distinct views of the {policy} policy")
+    return samples_min, min(samples_max, max_samples, most)

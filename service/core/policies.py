@@ -177,7 +177,36 @@ class MultiscalePolicy:
             gaps = [pair for (high, low), mid in zip(gaps, mids, strict=True) for pair in ((high, mid), (mid, low))]
 
 
-Policy = CenterPolicy | CropFlipPolicy | MultiscalePolicy
+@dataclass(frozen=True)
+class TenCropPolicy:
+    """The classic deterministic ten crops: the central box, the four corner boxes, then the same five
+    mirrored (S=1 is the central crop, S=5 the five crops, S=10 the ten; at most 10 views).
+
+    Boxes are square, `resize_scale` × the classic Resize → Crop ratio smaller than the shorter side:
+    1 is the model's own Resize(resize_size) → input_size crop (256 → 224), 1.125 crops 224 of a 288-px
+    resize (the boxes cover less of the photo, so the corners differ more from the centre). No seed is used.
+    """
+
+    resize_scale: float = 1.0
+    name: Literal["ten_crop"] = "ten_crop"
+
+    def __post_init__(self) -> None:
+        if not 0.5 <= self.resize_scale <= 4:
+            raise PolicyError(f"ten_crop resize_scale must be in [0.5, 4], got {self.resize_scale}")
+
+    def plan(self, height: int, width: int, samples: int, seed: int, preprocess: Preprocess) -> list[View]:
+        samples_for(self.name, samples, samples)  # at most MOST_VIEWS["ten_crop"] = 10
+        side = min(height, width) * preprocess.input_size / (preprocess.resize_size * self.resize_scale)
+        box = max(1, min(height, width, round(side)))
+        center_top, center_left, center_h, center_w = (height - box) // 2, (width - box) // 2, box, box
+        boxes = [(center_top, center_left, True), (0, 0, False), (0, width - box, False), (height - box, 0, False),
+                 (height - box, width - box, False)]
+        views = [View(top, left, center_h, center_w, preprocess.input_size, flip, centered=centered)
+                 for flip in (False, True) for top, left, centered in boxes]
+        return views[:samples]
+
+
+Policy = CenterPolicy | CropFlipPolicy | MultiscalePolicy | TenCropPolicy
 
 
 def make_policy(name: str, **params: object) -> Policy:
@@ -188,6 +217,8 @@ def make_policy(name: str, **params: object) -> Policy:
         return CropFlipPolicy(**params)  # type: ignore[arg-type]
     if name == "multiscale":
         return MultiscalePolicy(**params)  # type: ignore[arg-type]
+    if name == "ten_crop":
+        return TenCropPolicy(**params)  # type: ignore[arg-type]
     raise PolicyError(f"unknown policy {name!r}; choose one of {', '.join(POLICY_NAMES)}")
 
 

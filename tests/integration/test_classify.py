@@ -115,6 +115,9 @@ async def test_classify_defaults_are_its_own_and_center_has_no_dispersion(dummy_
     ({"samples": "auto", "samples_min": 200, "samples_max": 300}, 422, "invalid_option",
      "above the server's max_samples (128)"),
     ({"policy": "multiscale", "samples": 227}, 422, "invalid_option", "samples: at most 128, got 227"),
+    ({"policy": "ten_crop", "samples": 11}, 422, "invalid_option", "ten_crop policy makes at most 10 distinct views"),
+    ({"policy": "ten_crop", "samples": "auto", "samples_min": 12}, 422, "invalid_option",
+     "samples_min (12) is above the 10 distinct views of the ten_crop policy"),
     ({"timeout_ms": 10**9}, 422, "invalid_option", "timeout_ms: at most"),
     ({"timeout_ms": 0}, 422, "invalid_option", "timeout_ms"),
     ({"model": "resnet50"}, 422, "invalid_option", "unknown model"),
@@ -128,6 +131,20 @@ async def test_classify_option_errors(dummy_with_head: LoadedModel, payload: dic
     got_status, got_kind, message = error_of(response)
     assert (got_status, got_kind) == (status, kind), message
     assert words in message
+
+
+async def test_ten_crop_classifies_like_the_library_and_caps_auto_s(dummy_with_head: LoadedModel) -> None:
+    image = png_bytes(5)
+    async with serve(dummy_with_head, **SETTINGS) as client:
+        fixed = (await client.post("/v1/classify", json={"images": [b64(image)], "policy": "ten_crop",
+                                                         "samples": 10, "top_k": 1000})).json()
+        auto = (await client.post("/v1/classify", json={"images": [b64(image)], "policy": "ten_crop",
+                                                        "samples": "auto", "top_k": 1000})).json()
+    assert (fixed["policy"], fixed["samples"], auto["samples"]) == ("ten_crop", 10, 10)  # auto: at most 10
+    probs = expected_probabilities(dummy_with_head, image, 10, "ten_crop", 0)  # no seed in its views
+    got = {label["class_index"]: label["probability"] for label in fixed["data"][0]["labels"]}
+    assert np.allclose([got[c] for c in range(1000)], probs, atol=1e-6)
+    assert auto["data"] == fixed["data"]
 
 
 async def test_a_model_without_head_answers_no_classifier_and_auth_applies(tmp_path) -> None:  # type: ignore[no-untyped-def]

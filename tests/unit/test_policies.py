@@ -17,6 +17,7 @@ from service.core.policies import (
     CropFlipPolicy,
     MultiscalePolicy,
     PolicyError,
+    TenCropPolicy,
     make_policy,
     plan_views,
 )
@@ -118,12 +119,15 @@ def test_bad_input_raises_typed_errors(image: torch.Tensor, samples: int, messag
 
 def test_policy_factory_validates() -> None:
     assert make_policy("multiscale", scales=(1.0, 0.5)).scales == (1.0, 0.5)
-    with pytest.raises(PolicyError, match=r"unknown policy .zoom.; choose one of center, crop_flip, multiscale"):
+    with pytest.raises(PolicyError, match=r"unknown policy .zoom.; choose one of center, crop_flip, multiscale, ten_"):
         make_policy("zoom")
     with pytest.raises(PolicyError, match="scale"):
         CropFlipPolicy(scale=(0.5, 0.2))
     with pytest.raises(PolicyError, match="scales"):
         MultiscalePolicy(scales=())
+    assert make_policy("ten_crop", resize_scale=1.125) == TenCropPolicy(resize_scale=1.125)
+    with pytest.raises(PolicyError, match="resize_scale"):
+        TenCropPolicy(resize_scale=0.1)
     assert math.isclose(MultiscalePolicy().scales[1], 1 / math.sqrt(2))
 
 
@@ -144,3 +148,50 @@ def test_shrink_once_keeps_views_inside_and_center_becomes_the_classic_resize() 
     # Upsampling views (boxes smaller than the output) leave the image untouched.
     tiny = random_image(100, 120)
     assert shrink_for_views(tiny, CropFlipPolicy().plan(100, 120, 4, 0, PRE), PRE)[0] is tiny
+
+
+@pytest.mark.parametrize(("height", "width"), [(375, 500), (500, 375), (64, 1000), (1, 1)])
+@pytest.mark.parametrize("resize_scale", [1.0, 1.125])
+def test_ten_crop_is_the_center_then_four_corners_then_their_mirrors(height: int, width: int,
+                                                                      resize_scale: float) -> None:
+    policy = TenCropPolicy(resize_scale=resize_scale)
+    views = policy.plan(height, width, 10, seed=0, preprocess=PRE)
+    box = views[0].height
+    assert box == max(1, round(min(height, width) * 224 / (256 * resize_scale)))
+    assert all((v.height, v.width, v.size) == (box, box, 224) for v in views)
+    corners = [(0, 0), (0, width - box), (height - box, 0), (height - box, width - box)]
+    assert [(v.top, v.left) for v in views[1:5]] == corners  # each corner box touches its two edges
+    assert [v.flip for v in views] == [False] * 5 + [True] * 5
+    assert [(v.top, v.left, v.centered) for v in views[5:]] == [(v.top, v.left, v.centered) for v in views[:5]]
+    assert [v.centered for v in views[:5]] == [True, False, False, False, False]
+    # deterministic: no seed, and every S is a prefix (S=5: the five crops)
+    assert views == policy.plan(height, width, 10, seed=99, preprocess=PRE)
+    assert policy.plan(height, width, 5, seed=0, preprocess=PRE) == views[:5]
+
+
+def test_ten_crop_starts_with_the_central_crop_and_stops_at_ten() -> None:
+    assert TenCropPolicy().plan(375, 500, 1, 0, PRE) == CenterPolicy().plan(375, 500, 1, 0, PRE)
+    assert TenCropPolicy(resize_scale=1.125).plan(375, 500, 1, 0, PRE)[0].height == round(375 * 224 / 288)
+    with pytest.raises(PolicyError, match="at most 10 distinct views"):
+        TenCropPolicy().plan(375, 500, 11, 0, PRE)
+
+
+def test_ten_crop_embeds_like_torchvisions_ten_crop(sample_labels: list) -> None:
+    """Our ten views embed like torchvision's Resize(256) → TenCrop(224) on PIL (its order: four corners,
+    center, then the same mirrored)."""
+    model = create_model("efficientnet_lite0")
+    pre = model.spec.preprocess
+    interpolation = transforms.InterpolationMode(pre.interpolation)
+    resize = transforms.Resize(pre.resize_size, interpolation)
+    classic_order = [1, 2, 3, 4, 0, 6, 7, 8, 9, 5]  # torchvision's tl, tr, bl, br, center → ours
+    for path, _ in sample_labels[:3]:
+        pil = Image.open(path).convert("RGB")
+        image = torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1).contiguous()
+        ours = embed(model, [image], samples=10, policy="ten_crop").embeddings[0]
+        crops = transforms.TenCrop(pre.input_size)(resize(pil))
+        theirs = model.embed_views(torch.stack([transforms.functional.pil_to_tensor(crops[i]) for i in
+                                                range(10)]))
+        per_view = [embed(model, [image], samples=s, policy="ten_crop").embeddings[0] for s in (1, 5)]
+        assert ours @ theirs.numpy().mean(0) / (np.linalg.norm(ours) * np.linalg.norm(theirs.numpy().mean(0))) >= 0.999
+        five = theirs.numpy()[[classic_order.index(i) for i in range(5)]].mean(0)
+        assert per_view[1] @ five / (np.linalg.norm(per_view[1]) * np.linalg.norm(five)) >= 0.999
