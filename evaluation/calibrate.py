@@ -62,14 +62,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
 
 def ece(max_probability: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
     """Expected calibration error: Σ_bins (share of images) × |accuracy − mean confidence|, equal-width bins."""
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.clip(np.digitize(max_probability, edges[1:-1], right=True), 0, bins - 1)
-    total = 0.0
-    for b in range(bins):
-        inside = which == b
-        if inside.any():
-            total += inside.mean() * abs(correct[inside].mean() - max_probability[inside].mean())
-    return float(total)
+    return float(M.ece_statistic((max_probability, correct), np.arange(len(correct))[None, :], bins)[0])
 
 
 def halves(count: int) -> np.ndarray:

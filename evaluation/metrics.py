@@ -7,6 +7,7 @@ carry information) and a paired bootstrap over images for mean differences (NLL,
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -56,16 +57,112 @@ def mcnemar_exact(a_correct: np.ndarray, b_correct: np.ndarray) -> dict[str, flo
     return {"a_only": a_only, "b_only": b_only, "p": p}
 
 
+def clopper_pearson(successes: int, trials: int, level: float = 0.95) -> tuple[float, float]:
+    """The exact (Clopper–Pearson) interval of a binomial proportion: the p whose tail probabilities of the
+    observed count are (1 − level)/2, found by bisection on the exact binomial sums (no scipy needed)."""
+    if not 0 <= successes <= trials:
+        raise ValueError(f"need 0 <= successes <= trials, got {successes} of {trials}")
+    tail = (1 - level) / 2
+
+    def at_least(p: float) -> float:  # P(X >= successes | p), increasing in p
+        return sum(_binomial_pmf(i, trials, p) for i in range(successes, trials + 1))
+
+    def at_most(p: float) -> float:  # P(X <= successes | p), decreasing in p
+        return sum(_binomial_pmf(i, trials, p) for i in range(successes + 1))
+
+    lo = 0.0 if successes == 0 else _bisect(lambda p: at_least(p) >= tail)
+    hi = 1.0 if successes == trials else _bisect(lambda p: at_most(p) < tail)
+    return lo, hi
+
+
+def _binomial_pmf(k: int, n: int, p: float) -> float:
+    if p <= 0.0 or p >= 1.0:
+        return float(k == (0 if p <= 0.0 else n))
+    log_pmf = math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * math.log(p) \
+        + (n - k) * math.log1p(-p)
+    return math.exp(log_pmf)
+
+
+def _bisect(past: Callable[[float], bool]) -> float:
+    """The boundary in [0, 1] where a monotone condition turns true, to ~1e-12."""
+    low, high = 0.0, 1.0
+    for _ in range(60):
+        mid = (low + high) / 2
+        if past(mid):
+            high = mid
+        else:
+            low = mid
+    return (low + high) / 2
+
+
+def mcnemar_interval(a_correct: np.ndarray, b_correct: np.ndarray, level: float = 0.95) -> dict[str, float]:
+    """Accuracy of B minus A on the same images, with McNemar's exact interval and test.
+
+    Given the n discordant images, the number only B got right is Binomial(n, π); the difference is
+    n(2π − 1)/N, so the Clopper–Pearson interval of π gives an exact (conditional) interval of the
+    difference, which excludes 0 exactly when the two-sided exact test has p < 1 − level.
+    """
+    test = mcnemar_exact(a_correct, b_correct)
+    total, discordant = len(a_correct), test["a_only"] + test["b_only"]
+    if discordant == 0:
+        return {**test, "diff": 0.0, "lo": 0.0, "hi": 0.0}
+    lo, hi = clopper_pearson(int(test["b_only"]), int(discordant), level)
+    return {**test, "diff": (test["b_only"] - test["a_only"]) / total,
+            "lo": discordant * (2 * lo - 1) / total, "hi": discordant * (2 * hi - 1) / total}
+
+
+# A statistic of a paired bootstrap: per-image arrays and an (R, N) matrix of resampled image indices → R values.
+Statistic = Callable[[Sequence[np.ndarray], np.ndarray], np.ndarray]
+
+
+def mean_statistic(arrays: Sequence[np.ndarray], index: np.ndarray) -> np.ndarray:
+    out: np.ndarray = np.asarray(arrays[0], dtype=np.float64)[index].mean(axis=1)
+    return out
+
+
+def ece_statistic(arrays: Sequence[np.ndarray], index: np.ndarray, bins: int = 15) -> np.ndarray:
+    """Expected calibration error of (max_probability, correct) on each resample: Σ_bins (share of images) ×
+    |accuracy − mean confidence|, equal-width bins (a bin's right edge inside it), all resamples at once."""
+    confidence, correct = np.asarray(arrays[0], dtype=np.float64), np.asarray(arrays[1], dtype=np.float64)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    resamples, count = index.shape
+    slot = (which[index] + bins * np.arange(resamples)[:, None]).ravel()  # (resample, bin) → one flat slot
+    gap = np.bincount(slot, weights=(correct[index] - confidence[index]).ravel(), minlength=resamples * bins)
+    out: np.ndarray = np.abs(gap.reshape(resamples, bins)).sum(axis=1) / count
+    return out
+
+
+def auroc_statistic(arrays: Sequence[np.ndarray], index: np.ndarray) -> np.ndarray:
+    """`auroc(score, positive)` on each resample (ties count 1/2): every positive against every negative."""
+    score, positive = np.asarray(arrays[0], dtype=np.float64), np.asarray(arrays[1], dtype=bool)
+    out = np.empty(len(index))
+    for r, rows in enumerate(index):
+        s, p = score[rows], positive[rows]
+        pos, neg = s[p][:, None], s[~p][None, :]
+        out[r] = ((pos > neg).sum() + 0.5 * (pos == neg).sum()) / pos.size / neg.size if p.any() and (~p).any() \
+            else np.nan
+    return out
+
+
+def bootstrap_difference(statistic: Statistic, a: Sequence[np.ndarray], b: Sequence[np.ndarray], *,
+                         resamples: int = 2000, seed: int = 0, level: float = 0.95) -> dict[str, float]:
+    """statistic(B) − statistic(A) on the same images, with a percentile interval from resampling images
+    (each resample takes both methods' values of the same images: the pairs stay together)."""
+    count = len(a[0])
+    rng = np.random.default_rng(seed)
+    index = rng.integers(0, count, size=(resamples, count))
+    everything = np.arange(count)[None, :]
+    diffs = statistic(b, index) - statistic(a, index)
+    tail = (1 - level) / 2
+    return {"diff": float((statistic(b, everything) - statistic(a, everything))[0]),
+            "lo": float(np.nanquantile(diffs, tail)), "hi": float(np.nanquantile(diffs, 1 - tail))}
+
+
 def paired_bootstrap(a: np.ndarray, b: np.ndarray, *, resamples: int = 2000, seed: int = 0,
                      level: float = 0.95) -> dict[str, float]:
     """Mean of b − a over images, with a percentile CI from resampling images (pairs kept together)."""
-    diff = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    index = rng.integers(0, len(diff), size=(resamples, len(diff)))
-    means = diff[index].mean(axis=1)
-    tail = (1 - level) / 2
-    return {"diff": float(diff.mean()), "lo": float(np.quantile(means, tail)),
-            "hi": float(np.quantile(means, 1 - tail))}
+    return bootstrap_difference(mean_statistic, (a,), (b,), resamples=resamples, seed=seed, level=level)
 
 
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
