@@ -28,9 +28,13 @@ from evaluation.data import QueryEdits, decode_file, load_samples, make_query
 from evaluation.views import cached_per_view
 from models.calibration import CALIBRATION_FILE, S_BUCKETS
 from models.policy_quality import POLICY_QUALITY_FILE, markdown_table
-from service.core.policies import CenterPolicy, CropFlipPolicy, MultiscalePolicy, Policy
+from service.core.policies import CenterPolicy, CropFlipPolicy, MultiscalePolicy, Policy, TenCropPolicy
 
 log = logging.getLogger("metta.calibrate")
+# The endpoints' defaults (`default_policy`/`default_samples`, `classify_policy`/`classify_samples`; a test keeps
+# them equal to the settings), to mark their rows of the table.
+EMBEDDINGS_DEFAULT = ("multiscale", 3)
+CLASSIFY_DEFAULT = ("crop_flip", 32)
 S_MAX = 32  # the largest S of a bank; the 17+ bucket is fitted on S = 17 … 32
 ECE_BINS = 15
 
@@ -120,7 +124,7 @@ def run(model: Any, data_dir: Path, cache_dir: Path, seed: int = 0, limit: int |
         return out
 
     banks = {"center": photos(CenterPolicy(), 1), "crop_flip": photos(CropFlipPolicy(), S_MAX),
-             "multiscale": photos(MultiscalePolicy(), S_MAX)}
+             "multiscale": photos(MultiscalePolicy(), S_MAX), "ten_crop": photos(TenCropPolicy(), 10)}
     per_s = {name: {s: logits(bank[:, :s].mean(axis=1)) for s in range(1, bank.shape[1] + 1)}
              for name, bank in banks.items()}
 
@@ -159,6 +163,7 @@ def table_rows(banks: dict[str, np.ndarray], per_s: dict[str, dict[int, np.ndarr
         out: np.ndarray = M.l2_rows(views).mean(axis=1) * norm
         return out
 
+    ten_crop = banks["ten_crop"]
     # (label, request options or None, photo mean, query mean, served policy for the temperature)
     ways: list[tuple[str, dict[str, Any] | None, np.ndarray, np.ndarray | None, str | None]] = [
         ("center S=1", {"policy": "center"}, center[:, 0], q_center[:, 0], "center"),
@@ -166,11 +171,14 @@ def table_rows(banks: dict[str, np.ndarray], per_s: dict[str, dict[int, np.ndarr
          "crop_flip"),
         ("crop_flip S=8", {"policy": "crop_flip", "samples": 8}, crop_flip[:, :8].mean(1), q_crop.mean(1),
          "crop_flip"),
-        ("crop_flip S=10 (/v1/classify default)", {"policy": "crop_flip", "samples": 10}, crop_flip[:, :10].mean(1),
-         None, "crop_flip"),
+        ("crop_flip S=10", {"policy": "crop_flip", "samples": 10}, crop_flip[:, :10].mean(1), None, "crop_flip"),
         ("crop_flip S=16", {"policy": "crop_flip", "samples": 16}, crop_flip[:, :16].mean(1), None, "crop_flip"),
-        ("multiscale S=3 (/v1/embeddings default)", {"policy": "multiscale", "samples": 3},
-         multiscale[:, :3].mean(1), q_multi.mean(1), "multiscale"),
+        ("crop_flip S=32", {"policy": "crop_flip", "samples": 32}, crop_flip.mean(1), None, "crop_flip"),
+        ("ten_crop S=5 (five crops)", {"policy": "ten_crop", "samples": 5}, ten_crop[:, :5].mean(1), None,
+         "ten_crop"),
+        ("ten_crop S=10 (ten crops)", {"policy": "ten_crop", "samples": 10}, ten_crop.mean(1), None, "ten_crop"),
+        ("multiscale S=3", {"policy": "multiscale", "samples": 3}, multiscale[:, :3].mean(1), q_multi.mean(1),
+         "multiscale"),
         ("multiscale S=8", {"policy": "multiscale", "samples": 8}, multiscale[:, :8].mean(1), None, "multiscale"),
         ("multiscale S=3, per-view L2 × the center's norm", None, l2_scaled(multiscale[:, :3], center_norm),
          l2_scaled(q_multi, np.linalg.norm(q_center[:, 0], axis=1, keepdims=True)), None),
@@ -181,9 +189,11 @@ def table_rows(banks: dict[str, np.ndarray], per_s: dict[str, dict[int, np.ndarr
          np.concatenate([multiscale[:, :3], crop_flip[:, :8]], axis=1).mean(1),
          np.concatenate([q_multi, q_crop], axis=1).mean(1), None),
     ]
+    defaults = {EMBEDDINGS_DEFAULT: "/v1/embeddings default", CLASSIFY_DEFAULT: "/v1/classify default"}
     relevant = np.eye(len(labels), dtype=bool)
     half = halves(len(labels))
     rows = []
+    center_cross: M.Predictions | None = None
     for label, request, photo_mean, query_mean, served in ways:
         lg = logits(photo_mean)
         samples = int(request.get("samples", 1)) if request else 0
@@ -198,17 +208,36 @@ def table_rows(banks: dict[str, np.ndarray], per_s: dict[str, dict[int, np.ndarr
                 probs[half == h] = M.softmax(lg[half == h] / fit_temperature(lg[half != h], labels[half != h]))
         cross = probs.max(axis=1)
         correct = lg.argmax(axis=1) == labels
+        # the same photos under the temperature fitted on the other half: what the paired intervals compare
+        cross_fitted = M.Predictions(correct, M.nll_of_probs(probs, labels), cross)
         recall = None
         if query_mean is not None:
             recall = float(M.retrieval_per_query(query_mean, photo_mean, relevant)["hit_at_1"].mean())
-        rows.append({
-            "views": label, "request": request, "top1": round(float(correct.mean()), 4),
+        key = (request or {}).get("policy"), (request or {}).get("samples", 1)
+        row = {
+            "views": label + (f" ({defaults[key]})" if key in defaults else ""), "request": request,
+            "top1": round(float(correct.mean()), 4),
             "nll": round(float(M.nll_of_logits(lg, labels).mean()), 4),
             "nll_calibrated": round(float(M.nll_of_logits(lg / temperature, labels).mean()), 4),
             "ece": round(ece(cross, probs.argmax(axis=1) == labels), 4),
             "max_probability_auroc": round(M.auroc(-cross, ~correct), 4),
-            "recall_at_1": None if recall is None else round(recall, 4)})
+            "recall_at_1": None if recall is None else round(recall, 4)}
+        if center_cross is None:
+            center_cross = cross_fitted
+        else:
+            row["vs_center"] = paired_intervals(center_cross, cross_fitted)
+        rows.append(row)
     return rows
+
+
+def paired_intervals(center: M.Predictions, other: M.Predictions) -> dict[str, Any]:
+    """The table's paired differences from the central crop, rounded: top-1 (McNemar's exact 95 % interval),
+    cross-fitted NLL, ECE and AUROC of max_probability (95 % paired bootstrap)."""
+    compared = M.versus(center, other)
+    out: dict[str, Any] = {"photos": len(center.correct)}
+    for name, key in (("top1", "top1"), ("nll_calibrated", "nll"), ("ece", "ece"), ("max_probability_auroc", "auroc")):
+        out[name] = {part: round(float(compared[key][part]), 4) for part in ("diff", "lo", "hi")}
+    return out
 
 
 def write_files(model: Any, study: dict[str, Any], calibration_path: Path, quality_path: Path) -> None:

@@ -38,9 +38,9 @@ from service.core.render import render_view
 from service.core.uncertainty import label_free_uncertainty
 
 log = logging.getLogger("metta.label_free")
-# /v1/classify's defaults (`classify_policy`, `classify_samples`; a test keeps them equal): its views, its errors
-CLASSIFY_POLICY = make_policy("crop_flip")
-CLASSIFY_S = 10
+# The views and errors the (retired) study was run on: /v1/classify's default at the time, crop_flip S=10.
+STUDY_POLICY = make_policy("crop_flip")
+STUDY_S = 10
 SHIPPED = "participation (l1/l2)"  # the service's `label_free_uncertainty`
 
 
@@ -146,7 +146,7 @@ def study(views: np.ndarray, error: np.ndarray, maps: np.ndarray | None) -> dict
         candidates |= spatial_candidates(maps)
     half = halves(len(error))
     out = held_out_choice(candidates, error, half)
-    out |= {"views": f"{CLASSIFY_POLICY.name} S={views.shape[1]}", "errors": int(error.sum()),
+    out |= {"views": f"{STUDY_POLICY.name} S={views.shape[1]}", "errors": int(error.sum()),
             "errors_per_half": [int(error[half == h].sum()) for h in (0, 1)],
             "all_photos": {name: round(M.auroc(score, error), 4) for name, score in candidates.items()},
             "combination_held_out": combination(candidates, error, half),
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     samples = load_samples(args.data, args.limit)
     labels = np.array([s.label for s in samples])
     views = cached_per_view(model, [s.path.name for s in samples], lambda i: decode_file(samples[i].path),
-                            CLASSIFY_POLICY, S_MAX, 0, args.cache_dir)[:, :CLASSIFY_S].astype(np.float64)
+                            STUDY_POLICY, S_MAX, 0, args.cache_dir)[:, :STUDY_S].astype(np.float64)
     head_logits = views.mean(axis=1) @ model.head.weight.detach().double().numpy().T
     error = (head_logits + model.head.bias.detach().double().numpy()).argmax(axis=1) != labels
     log.info("central-crop feature maps of %d photos", len(samples))

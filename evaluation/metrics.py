@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -209,3 +210,37 @@ def retrieval_per_query(queries: np.ndarray, database: np.ndarray, relevant: np.
         ranks = np.flatnonzero(hits) + 1
         ap[q] = float(np.mean(np.arange(1, len(ranks) + 1) / ranks)) if len(ranks) else 0.0
     return {"hit_at_1": hit_at_1, "ap": ap}
+
+
+# ---- a method against the central crop ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Predictions:
+    """A classifier's calibrated predictions on some images, per image."""
+
+    correct: np.ndarray  # top-1 right (the temperature does not change the argmax)
+    nll: np.ndarray  # −log p[label] at the temperature
+    max_probability: np.ndarray
+
+
+def prediction_figures(p: Predictions) -> dict[str, float]:
+    everything = np.arange(len(p.correct))[None, :]
+    return {"top1": float(p.correct.mean()), "nll": float(p.nll.mean()),
+            "ece": float(ece_statistic((p.max_probability, p.correct), everything)[0]),
+            "auroc": float(auroc_statistic((-p.max_probability, ~p.correct), everything)[0])}
+
+
+def versus(center: Predictions, other: Predictions, *, bootstrap: int = 2000,
+           seed: int = 0) -> dict[str, dict[str, float]]:
+    """other − center on the same images: top-1 with McNemar's exact interval (and a bootstrap one), NLL, ECE
+    and the AUROC of max_probability for a top-1 error with paired-bootstrap intervals (95 %)."""
+    def difference(statistic: Statistic, a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> dict[str, float]:
+        return bootstrap_difference(statistic, a, b, resamples=bootstrap, seed=seed)
+
+    return {"top1": mcnemar_interval(center.correct, other.correct),
+            "top1_bootstrap": difference(mean_statistic, (center.correct,), (other.correct,)),
+            "nll": difference(mean_statistic, (center.nll,), (other.nll,)),
+            "ece": difference(ece_statistic, (center.max_probability, center.correct),
+                              (other.max_probability, other.correct)),
+            "auroc": difference(auroc_statistic, (-center.max_probability, ~center.correct),
+                                (-other.max_probability, ~other.correct))}

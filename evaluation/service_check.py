@@ -3,7 +3,9 @@ running service, on the labelled sample photos sent as files.
 
 - /v1/classify with its defaults against `policy=center` (S = 1): top-1, NLL of the calibrated
   probabilities (`top_k=1000`, so the label's probability is in the reply), ECE (15 bins on
-  max_probability) and the AUROC of max_probability for top-1 errors;
+  max_probability) and the AUROC of max_probability for top-1 errors; the paired differences with their
+  95 % intervals, and the goals (top-1 not worse beyond paired noise, c − b ≤ 1.645 √(b + c), and within
+  1.5 points; NLL no worse; ECE ≤ 0.045; AUROC ≥ 0.88);
 - /v1/embeddings with its defaults against `policy=center`: near-duplicate recall@1 (each photo's
   edited copy, made as in `metta eval`, should find the photo).
 """
@@ -39,16 +41,29 @@ def post_all(client: httpx.Client, path: str, images: list[bytes], options: dict
     return [{**entry, "_reply": {k: v for k, v in last.items() if k not in ("data", "usage")}} for entry in data]
 
 
-def classify_scores(entries: list[dict[str, Any]], labels: np.ndarray) -> dict[str, Any]:
+def predictions(entries: list[dict[str, Any]], labels: np.ndarray) -> M.Predictions:
     probs = np.zeros((len(entries), 1000))
     for row, entry in enumerate(entries):
         for label in entry["labels"]:
             probs[row, label["class_index"]] = label["probability"]
-    predicted, top = probs.argmax(axis=1), probs.max(axis=1)
-    correct = predicted == labels
-    return {"reply": entries[0]["_reply"], "top1": float(correct.mean()),
-            "nll": float(M.nll_of_probs(probs, labels).mean()), "ece": ece(top, correct),
-            "max_probability_auroc": M.auroc(-top, ~correct)}
+    return M.Predictions(probs.argmax(axis=1) == labels, M.nll_of_probs(probs, labels), probs.max(axis=1))
+
+
+def classify_scores(entries: list[dict[str, Any]], p: M.Predictions) -> dict[str, Any]:
+    return {"reply": entries[0]["_reply"], "top1": float(p.correct.mean()), "nll": float(p.nll.mean()),
+            "ece": ece(p.max_probability, p.correct), "max_probability_auroc": M.auroc(-p.max_probability, ~p.correct)}
+
+
+def goals(center: M.Predictions, default: M.Predictions) -> dict[str, Any]:
+    """The default against its central crop, paired, and the issue's goals for it."""
+    versus = M.versus(center, default)
+    b, c = versus["top1"]["b_only"], versus["top1"]["a_only"]  # only the default right / only the center right
+    figures = M.prediction_figures(default)
+    return {"versus_center": versus, "goals": {
+        "top1_not_worse_beyond_paired_noise": bool(c - b <= 1.645 * np.sqrt(b + c)),
+        "top1_within_1.5_points": bool(versus["top1"]["diff"] >= -0.015),
+        "nll_no_worse": bool(figures["nll"] <= float(center.nll.mean())),
+        "ece_at_most_0.045": bool(figures["ece"] <= 0.045), "auroc_at_least_0.88": bool(figures["auroc"] >= 0.88)}}
 
 
 def query_bytes(sample: Sample, index: int, seed: int, edits: QueryEdits) -> bytes:
@@ -79,10 +94,15 @@ def main(argv: list[str] | None = None) -> None:
     seed = {"seed": str(args.seed)}
     results: dict[str, Any] = {"photos": len(samples), "url": args.url}
     with httpx.Client(base_url=args.url, timeout=600) as client:
+        predicted = {}
         for name, options in (("classify_default", {**seed, "top_k": "1000"}),
                               ("classify_center", {**seed, "top_k": "1000", "policy": "center"})):
-            results[name] = classify_scores(post_all(client, "/v1/classify", photos, options), labels)
+            entries = post_all(client, "/v1/classify", photos, options)
+            predicted[name] = predictions(entries, labels)
+            results[name] = classify_scores(entries, predicted[name])
             print(name, json.dumps(results[name]))
+        results["classify_default_vs_center"] = goals(predicted["classify_center"], predicted["classify_default"])
+        print("classify_default_vs_center", json.dumps(results["classify_default_vs_center"]["goals"]))
         if not args.skip_retrieval:
             edits = QueryEdits()
             queries = [query_bytes(s, i, args.seed, edits) for i, s in enumerate(samples)]

@@ -31,14 +31,24 @@ def policy_figures(model: str, weights_sha: str) -> list[dict[str, Any]]:
 def markdown_table(model: str) -> str:
     """The README's table of the study's rows (classification and retrieval side by side)."""
     entry = load_policy_quality().get("models", {}).get(model, {})
-    lines = ["| views | top-1 % | NLL (T=1) | NLL (calibrated) | ECE | AUROC of max_probability | "
-             "near-duplicate recall@1 |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| views | top-1 % | Δ top-1 pt [95 %] | NLL (T=1) | NLL (calibrated) | Δ NLL [95 %] | ECE "
+             "| AUROC of max_probability | near-duplicate recall@1 |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in entry.get("rows", []):
-        lines.append(f"| {row['views']} | {_number(row, 'top1', 1, 100)} | {_number(row, 'nll', 3)} | "
-                     f"{_number(row, 'nll_calibrated', 3)} | {_number(row, 'ece', 3)} | "
+        versus = row.get("vs_center") or {}
+        lines.append(f"| {row['views']} | {_number(row, 'top1', 1, 100)} | {_interval(versus.get('top1'), 1, 100)} | "
+                     f"{_number(row, 'nll', 3)} | {_number(row, 'nll_calibrated', 3)} | "
+                     f"{_interval(versus.get('nll_calibrated'), 3)} | {_number(row, 'ece', 3)} | "
                      f"{_number(row, 'max_probability_auroc', 3)} | {_number(row, 'recall_at_1', 3)} |")
     return "\n".join(lines)
+
+
+def _interval(difference: dict[str, float] | None, digits: int, scale: float = 1.0) -> str:
+    """'+1.2 [−0.4, +2.8]': a paired difference from the central crop and its 95 % interval."""
+    if not difference:
+        return "—"
+    return (f"{difference['diff'] * scale:+.{digits}f} [{difference['lo'] * scale:+.{digits}f}, "
+            f"{difference['hi'] * scale:+.{digits}f}]").replace("-", "−")
 
 
 def _number(row: dict[str, Any], key: str, digits: int, scale: float = 1.0) -> str:

@@ -175,6 +175,22 @@ class EndpointDefault(BaseModel):
     samples: int
 
 
+class PairedDifference(BaseModel):
+    diff: float = Field(description="this way of making views minus the central crop, on the same photos")
+    lo: float = Field(description="lower end of the 95 % interval")
+    hi: float = Field(description="upper end of the 95 % interval")
+
+
+class VersusCenter(BaseModel):
+    """Paired differences from the central crop; probabilities under a temperature fitted on the other half."""
+
+    photos: int
+    top1: PairedDifference = Field(description="top-1 accuracy, McNemar's exact interval")
+    nll_calibrated: PairedDifference = Field(description="NLL, paired bootstrap interval")
+    ece: PairedDifference = Field(description="expected calibration error, paired bootstrap interval")
+    max_probability_auroc: PairedDifference = Field(description="AUROC of max_probability, paired bootstrap")
+
+
 class PolicyFigures(BaseModel):
     """One row of the quality study: a way of making views, and what it gave each task."""
 
@@ -188,6 +204,8 @@ class PolicyFigures(BaseModel):
     max_probability_auroc: float | None = Field(
         None, description="classification: AUROC of max_probability for top-1 errors")
     recall_at_1: float | None = Field(description="near-duplicate retrieval: recall@1 of the L2-normalised mean")
+    vs_center: VersusCenter | None = Field(None, description="classification: paired differences from the central "
+                                                             "crop with 95 % intervals (none for the centre itself)")
 
 
 class ModelCard(BaseModel):

@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from evaluation.calibrate import bucket_samples, cross_fitted_probabilities, ece, fit_temperature
+from evaluation.calibrate import (
+    CLASSIFY_DEFAULT,
+    EMBEDDINGS_DEFAULT,
+    bucket_samples,
+    cross_fitted_probabilities,
+    ece,
+    fit_temperature,
+)
+from service.settings import Settings
 
 
 def sampled(logits: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -50,3 +58,9 @@ def test_buckets_pool_every_s_they_hold() -> None:
     assert bucket_samples("2-4", 32) == [2, 3, 4]
     assert bucket_samples("5-16", 32) == list(range(5, 17))
     assert bucket_samples("17+", 32) == list(range(17, 33))
+
+
+def test_the_tables_default_rows_are_the_settings_defaults() -> None:
+    defaults = Settings()
+    assert (defaults.default_policy, defaults.default_samples) == EMBEDDINGS_DEFAULT
+    assert (defaults.classify_policy, defaults.classify_samples) == CLASSIFY_DEFAULT

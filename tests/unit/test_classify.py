@@ -97,3 +97,20 @@ def test_multiscale_never_repeats_a_view_up_to_its_limit(input_size: int) -> Non
 def test_readme_table_is_rendered_from_the_figures_file() -> None:
     assert POLICY_QUALITY_FILE.is_file()
     assert markdown_table("efficientnet_lite0") in (REPO / "README.md").read_text()
+
+
+def test_every_figures_row_is_what_v1_models_serves_with_its_paired_intervals() -> None:
+    from service.api.schemas import PolicyFigures
+    from service.settings import Settings
+
+    rows = [PolicyFigures.model_validate(row)
+            for row in json.loads(POLICY_QUALITY_FILE.read_text())["models"]["efficientnet_lite0"]["rows"]]
+    assert rows[0].request == {"policy": "center"} and rows[0].vs_center is None  # the baseline
+    for row in rows[1:]:  # every other row: differences from the centre with their 95 % intervals
+        assert row.vs_center is not None and row.vs_center.photos == 500
+        for difference in (row.vs_center.top1, row.vs_center.nll_calibrated, row.vs_center.ece):
+            assert difference.lo <= difference.diff <= difference.hi
+    defaults = Settings()
+    marked = [row for row in rows if "/v1/classify default" in row.views]
+    assert [row.request for row in marked] == [{"policy": defaults.classify_policy,
+                                                "samples": defaults.classify_samples}]

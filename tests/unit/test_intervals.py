@@ -3,7 +3,9 @@ means, ECE and AUROC on small cases worked by hand, and the held-out choice of /
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +13,9 @@ import pytest
 from evaluation import heldout
 from evaluation import metrics as M
 from evaluation.calibrate import ece
+from service.settings import Settings
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_clopper_pearson_matches_the_closed_forms_and_tables() -> None:
@@ -111,25 +116,34 @@ def test_bootstrap_difference_sees_a_real_calibration_gap() -> None:
 # ---- the held-out choice ---------------------------------------------------------------------------
 
 def row(label: str, views: int, top1: tuple[float, float], nll_hi: float, ece: tuple[float, float],
-        nll: float = 0.5) -> dict:
-    interval = {"diff": 0.0, "lo": top1[0], "hi": top1[1]}
+        nll: float = 0.5, auroc_hi: float = 0.02) -> dict:
+    """A comparison row: the top-1 interval, the NLL interval's upper end, ECE's (difference, upper end)."""
     return {"label": label, "views": views, "figures": {"nll": nll},
-            "vs_center": {"top1": interval, "nll": {"diff": nll_hi - 0.01, "lo": nll_hi - 0.02, "hi": nll_hi},
-                          "ece": {"diff": ece[0], "lo": ece[0] - 0.01, "hi": ece[1]}}}
+            "vs_center": {"top1": {"diff": 0.0, "lo": top1[0], "hi": top1[1]},
+                          "nll": {"diff": nll_hi - 0.01, "lo": nll_hi - 0.02, "hi": nll_hi},
+                          "ece": {"diff": ece[0], "lo": ece[0] - 0.01, "hi": ece[1]},
+                          "auroc": {"diff": auroc_hi - 0.02, "lo": auroc_hi - 0.04, "hi": auroc_hi}}}
 
 
 def test_choose_prefers_significant_nll_and_ece_gains_at_the_fewest_views() -> None:
-    rows = [{"label": "center", "views": 1, "figures": {"nll": 0.6}},
+    center = {"label": "center", "views": 1, "figures": {"nll": 0.6}}
+    rows = [center,
             row("worse top-1", 2, (-0.05, -0.01), -0.02, (-0.02, -0.01)),
+            row("worse auroc", 2, (-0.02, 0.02), -0.02, (-0.02, -0.01), auroc_hi=-0.001),
             row("nll only", 3, (-0.02, 0.02), -0.02, (0.001, 0.01)),
             row("both, 10 views", 10, (-0.02, 0.02), -0.02, (-0.02, -0.01), nll=0.45),
             row("both, 5 views", 5, (-0.02, 0.02), -0.01, (-0.02, -0.005), nll=0.48),
             row("both, 5 views, lower nll", 5, (-0.01, 0.03), -0.01, (-0.02, -0.005), nll=0.47)]
     assert heldout.choose(rows) == "both, 5 views, lower nll"
-    # without a significant ECE gain: a significant NLL gain and an ECE no worse than the centre's
-    fallback = [rows[0], rows[2], row("nll, ece no worse", 4, (-0.02, 0.02), -0.02, (-0.001, 0.01))]
-    assert heldout.choose(fallback) == "nll, ece no worse"
-    assert heldout.choose([rows[0], rows[1], rows[2]]) is None
+    # without a significant ECE gain: a significant NLL gain and an ECE no worse than the centre's, fewest views
+    significant = [center, rows[3], row("nll, ece no worse, 8", 8, (-0.02, 0.02), -0.02, (-0.001, 0.01)),
+                   row("nll, ece no worse, 4", 4, (-0.02, 0.02), -0.001, (-0.001, 0.01))]
+    assert heldout.choose(significant) == "nll, ece no worse, 4"
+    # nothing significant: the strongest evidence of an NLL gain, whatever its views
+    weak = [center, rows[3], row("weak, 2", 2, (-0.02, 0.02), 0.02, (-0.001, 0.01)),
+            row("weak, 10", 10, (-0.02, 0.02), 0.005, (-0.001, 0.01))]
+    assert heldout.choose(weak) == "weak, 10"
+    assert heldout.choose([center, rows[1], rows[2], rows[3]]) is None
 
 
 def test_run_reports_each_half_under_the_other_halfs_temperature_and_choice() -> None:
@@ -145,7 +159,7 @@ def test_run_reports_each_half_under_the_other_halfs_temperature_and_choice() ->
     study = heldout.run(lambda name: banks[name], labels, weight=np.eye(classes), bias=np.zeros(classes),
                         bootstrap=200, candidates=candidates)
     assert [s["chosen"] for s in study["splits"]] == ["mean of 4", "mean of 4"]
-    assert study["chosen_by_both_halves"] == "mean of 4"
+    assert study["default"] == "mean of 4"
     reported = study["splits"][0]["reported"][1]
     assert reported["vs_center"]["nll"]["hi"] < 0 and reported["vs_center"]["top1"]["diff"] > 0
     # half 1's figures under half 0's temperature: recompute the NLL by hand
@@ -155,3 +169,32 @@ def test_run_reports_each_half_under_the_other_halfs_temperature_and_choice() ->
     by_hand = float(M.nll_of_logits(logits / t, labels[rows]).mean())
     assert reported["figures"]["nll"] == pytest.approx(by_hand, rel=1e-3)
     assert len(study["cross_fitted"]) == 2 and study["cross_fitted"][1]["vs_center"]["top1"]["hi"] > 0
+
+
+def test_final_choice_takes_the_halves_agreement_or_the_choice_that_held_out() -> None:
+    def split(chosen: str | None, nll_hi: float, views: int) -> dict:
+        return {"chosen": chosen, "reported": [row(str(chosen), views, (-0.01, 0.02), nll_hi, (0.0, 0.01))]}
+
+    assert heldout.final_choice([split("a", 0.01, 4), split("a", 0.01, 4)]) == "a"
+    assert heldout.final_choice([split("few", 0.002, 16), split("many", -0.009, 32)]) == "many"
+    assert heldout.final_choice([split("few", 0.002, 16), split("many", 0.001, 32)]) == "few"
+    assert heldout.final_choice([split(None, 0.0, 1), split("b", 0.01, 8)]) == "b"
+    assert heldout.final_choice([split(None, 0.0, 1), split(None, 0.0, 1)]) is None
+
+
+def test_the_shipped_classify_default_is_the_studys_choice() -> None:
+    study = json.loads((REPO / heldout.RESULTS_FILE).read_text())
+    chosen = next(c for c in study["candidates"] if c["label"] == study["default"])
+    defaults = Settings()
+    assert chosen["request"] == {"policy": defaults.classify_policy, "samples": defaults.classify_samples}
+    # ... and what the README says of it is what the study measured on the half that did not choose it
+    held_out = next(split for split in study["splits"] if split["chosen"] == study["default"])
+    row = next(r for r in held_out["reported"] if r["label"] == study["default"])["vs_center"]
+    def number(value: float, digits: int) -> str:
+        return f"{value:+.{digits}f}".replace("-", "−")
+
+    top1, nll = row["top1"], row["nll"]
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert (f"top-1 {number(100 * top1['diff'], 1)} points, 95 % interval [{number(100 * top1['lo'], 1)}, "
+            f"{number(100 * top1['hi'], 1)}]") in readme
+    assert f"NLL {number(nll['diff'], 3)} [{number(nll['lo'], 3)}, {number(nll['hi'], 3)}]" in readme

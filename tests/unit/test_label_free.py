@@ -7,8 +7,6 @@ import pytest
 
 from evaluation import metrics as M
 from evaluation.label_free import (
-    CLASSIFY_POLICY,
-    CLASSIFY_S,
     SHIPPED,
     combination,
     held_out_choice,
@@ -16,7 +14,6 @@ from evaluation.label_free import (
     spatial_candidates,
 )
 from service.core.uncertainty import label_free_uncertainty
-from service.settings import Settings
 
 
 def test_pooled_candidates_include_the_shipped_score_and_see_only_the_views() -> None:
@@ -68,11 +65,6 @@ def test_the_combination_is_fitted_on_one_half_and_scored_on_the_other() -> None
     few, noise = np.arange(120) % 2, {f"noise {i}": rng.normal(size=120) for i in range(40)}
     chance = combination(noise, rng.random(120) < 0.3, few)  # 40 features on 60 photos: a fit that memorises
     assert all(auroc < 0.7 for auroc in chance), chance  # ... and scores chance on photos it never saw
-
-
-def test_the_study_uses_the_views_of_classify_s_defaults() -> None:
-    defaults = Settings()
-    assert (CLASSIFY_POLICY.name, CLASSIFY_S) == (defaults.classify_policy, defaults.classify_samples)
 
 
 def test_tied_scores_share_their_average_rank() -> None:
