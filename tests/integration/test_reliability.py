@@ -25,7 +25,7 @@ from tests.unit.test_decode import _png_header_only, encode, gradient
 
 pytestmark = pytest.mark.anyio
 
-LIMITS = {"max_images": 4, "max_samples": 16, "max_request_crops": 32, "max_queue_crops": 64,
+LIMITS = {"max_images": 4, "max_samples": 16, "classify_samples": 8, "max_request_crops": 32, "max_queue_crops": 64,
           "max_body_bytes": 400_000, "max_image_side": 1_000, "max_image_pixels": 500_000}
 GOOD = png_bytes(0)
 

@@ -16,7 +16,8 @@ from tests.integration.conftest import TEST_SETTINGS
 
 # Small images keep each example cheap; a tight crop bound keeps the dummy forward bounded.
 APP = create_app(Settings(**{**TEST_SETTINGS, "max_request_crops": 64, "max_queue_crops": 256,
-                             "max_samples": 16, "max_images": 4, "max_body_bytes": 1_000_000}))
+                             "max_samples": 16, "classify_samples": 8, "max_images": 4,
+                             "max_body_bytes": 1_000_000}))
 # Bad data may be refused for its size (413) before its values are checked: that is a rejection too.
 CONFIG = schemathesis.Config.from_dict({"checks": {"negative_data_rejection": {
     "expected-statuses": [400, 401, 404, 405, 408, 413, 415, 422, 429]}}})
