@@ -49,7 +49,7 @@ class Limits:
     max_request_crops: int = 1024
     max_samples: int = 128
     default_samples: int = 3
-    classify_samples: int = 10  # the S of a /v1/classify request that gives none
+    classify_samples: int = 32  # the S of a /v1/classify request that gives none (the settings default)
 
     @classmethod
     def from_models(cls, reply: dict[str, Any]) -> Limits:
