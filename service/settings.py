@@ -94,6 +94,14 @@ class Settings(BaseSettings):
     header_timeout_s: float = Field(10.0, gt=0, description="time allowed to receive a request's headers")
     max_header_bytes: int = Field(32 * 1024, ge=1024, description="request line and headers, in bytes (else 431)")
     max_headers: int = Field(100, ge=1, description="headers per request (else 431)")
+    write_timeout_s: float = Field(60.0, gt=0, description="a reply the client does not read for this long is "
+                                   "dropped: the connection is aborted and its buffered bytes freed")
+    linger_s: float = Field(30.0, ge=0, description="after a reply sent before its request's body arrived, read "
+                            "and discard the rest at most this long (so the client reads the reply, not a reset)")
+    linger_bytes: int | None = Field(None, ge=0, description="... and at most this many bytes (default: "
+                                     "max_body_bytes + 1 MiB; at least max_body_bytes)")
+    max_connections: int = Field(4096, ge=1, description="open connections (lingering ones included); past it "
+                                 "a new connection gets 503 at once")
     max_json_elements: int = Field(10_000, ge=1, description="values in a JSON body, counted before parsing")
     max_inflight_body_bytes: int = Field(
         256 * 1024 * 1024, ge=1, description="request bodies held at once, server-wide (else 429)")
@@ -145,9 +153,15 @@ class Settings(BaseSettings):
             raise ValueError("classify_samples must not exceed max_samples")
         if self.classify_policy in ONE_VIEW_POLICIES and self.classify_samples != 1:
             raise ValueError(f"the {self.classify_policy} policy makes one view: classify_samples must be 1 with it")
+        if self.linger_bytes is not None and self.linger_bytes < self.max_body_bytes:
+            raise ValueError("linger_bytes must be at least max_body_bytes (a refused client may send a whole body)")
         if self.max_request_crops > self.max_queue_crops:
             raise ValueError("max_request_crops must not exceed max_queue_crops (such a request could never run)")
         return self
+
+    def lingering_bytes(self) -> int:
+        """How much of a refused request's body is read and discarded at most (`linger_bytes`, or its default)."""
+        return self.linger_bytes if self.linger_bytes is not None else self.max_body_bytes + 2**20
 
     def batching(self, device_type: str) -> BatchingConfig:
         """The batching bounds for a model on `device_type`: the settings where given, else its defaults."""

@@ -8,6 +8,8 @@ On Kubernetes the preStop sleep plays the delay's part (the pod leaves the endpo
 
 from __future__ import annotations
 
+import logging
+import resource
 import signal
 import threading
 import time
@@ -18,6 +20,9 @@ from fastapi import FastAPI
 
 from service.api.protocol import serving_protocol
 from service.settings import Settings
+
+log = logging.getLogger("metta.server")
+SPARE_DESCRIPTORS = 64  # model files, the log, the decode and render pools: what the server needs besides sockets
 
 
 class LameDuckServer(uvicorn.Server):
@@ -41,14 +46,37 @@ class LameDuckServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+def descriptors_for_connections(wanted: int) -> int:
+    """Raise the soft descriptor limit to the hard one (as far as `wanted` needs) and return how many
+    connections fit under it. Past the limit, accept() fails and the kernel resets new connections with
+    nothing logged or counted; under it, the connection cap answers 503 instead."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = wanted + SPARE_DESCRIPTORS
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        raised = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+        soft = raised
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    fits = max(1, soft - SPARE_DESCRIPTORS)
+    if fits < wanted:
+        log.warning("max_connections %d lowered to %d: the descriptor limit is %d", wanted, fits, soft)
+    return min(wanted, fits)
+
+
 def serve(app: FastAPI, settings: Settings) -> None:
     # uvicorn drains on SIGTERM, then re-raises the signal under the handler that was there before
     # it started; with the default one the process would die by the signal (exit -15) after a clean
     # drain. A no-op handler lets the drained server exit 0, as orchestrators expect.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    connections = descriptors_for_connections(settings.max_connections)
+    if connections != settings.max_connections:
+        settings = settings.model_copy(update={"max_connections": connections})
     # One process owns the device and its metrics: more uvicorn workers would load the model again
     # per worker and split the metrics, so scale with more containers instead.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, workers=1, log_level=settings.log_level,
-                            timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None, access_log=False,
-                            http=serving_protocol(settings, app))  # header/body limits and timeouts (issue 15)
+                            access_log=False, http=serving_protocol(settings, app))  # the door's limits
+    # The drain's bound, whatever its value (uvicorn waits with asyncio.wait_for, which takes a float; its
+    # annotation says int, and `int(0.5) or None` had made any grace under 1 s an unbounded wait).
+    config.timeout_graceful_shutdown = settings.shutdown_grace_s  # type: ignore[assignment]
     LameDuckServer(config, app, settings.shutdown_delay_s).run()

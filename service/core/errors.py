@@ -103,6 +103,12 @@ class NotReady(ServiceError):
     status, type = 503, "not_ready"
 
 
+class TooManyConnections(ServiceError):
+    """Past `max_connections` open connections: answered as the connection opens (service/api/protocol.py)."""
+
+    status, type, reason = 503, "too_many_connections", "overloaded"
+
+
 class DeadlineExceeded(ServiceError):
     status, type, reason = 504, "deadline_exceeded", "deadline"
 
@@ -111,7 +117,7 @@ class DeadlineExceeded(ServiceError):
 ERRORS: tuple[type[ServiceError], ...] = (
     InvalidImage, InvalidRequest, Unauthorized, NotFound, MethodNotAllowed, RequestTimeout, PayloadTooLarge,
     UnsupportedMediaType, InvalidOption, NoClassifier, Overloaded, HeadersTooLarge, InternalError, NotReady,
-    DeadlineExceeded)
+    TooManyConnections, DeadlineExceeded)
 # What metta_rejected_total counts under, besides the refusals above: requests whose client left.
 REJECT_REASONS: tuple[str, ...] = (
     *dict.fromkeys(error.reason for error in ERRORS if error.reason is not None), "client_gone")

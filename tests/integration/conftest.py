@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import io
+import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 import httpx
 import numpy as np
 import pytest
 import torch
+import uvicorn
+from fastapi import FastAPI
 from PIL import Image
 
 from models import LoadedModel, ModelOptions, create_model
@@ -79,3 +82,33 @@ class ControlledModel:
         inner = self.inner
         return LoadedModel(inner.spec, self.run, device=inner.device, dtype=inner.dtype, mode=inner.mode,
                            fingerprint=inner.fingerprint)
+
+
+@contextmanager
+def running_server(model: LoadedModel | None = None, **overrides: object
+                   ) -> Iterator[tuple[tuple[str, int], FastAPI, uvicorn.Server]]:
+    """A real uvicorn server in a thread on a loopback port, with `serving_protocol` (what `metta-serve`
+    runs): its address, app and server; stopped on exit."""
+    from service.api.protocol import serving_protocol
+
+    settings = Settings(**{**TEST_SETTINGS, **overrides})
+    app = create_app(settings, model=model or create_model("dummy", ModelOptions(mode="eager")))
+    config = uvicorn.Config(app, log_level="warning", http=serving_protocol(settings, app), lifespan="on")
+    server = uvicorn.Server(config)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    address = sock.getsockname()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://{address[0]}:{address[1]}/readyz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    try:
+        yield address, app, server
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -6,20 +6,14 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
-import uvicorn
 
-from models import ModelOptions, create_model
-from service.api.app import create_app
-from service.api.protocol import serving_protocol
 from service.metrics import REJECT_REASONS, Metrics
-from service.settings import Settings
-from tests.integration.conftest import TEST_SETTINGS
+from tests.integration.conftest import running_server
 
 LIMITS = {"header_timeout_s": 1.0, "body_timeout_s": 1.0, "max_header_bytes": 8192, "max_headers": 50}
 
@@ -27,25 +21,8 @@ LIMITS = {"header_timeout_s": 1.0, "body_timeout_s": 1.0, "max_header_bytes": 81
 @pytest.fixture(scope="module")
 def served() -> Iterator[tuple[tuple[str, int], Metrics]]:
     """The server's address, and its metrics."""
-    settings = Settings(**{**TEST_SETTINGS, **LIMITS})
-    app = create_app(settings, model=create_model("dummy", ModelOptions(mode="eager")))
-    config = uvicorn.Config(app, log_level="warning", http=serving_protocol(settings, app), lifespan="on")
-    instance = uvicorn.Server(config)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    thread = threading.Thread(target=instance.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    address = sock.getsockname()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://{address[0]}:{address[1]}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    yield address, app.state.metta.metrics
-    instance.should_exit = True
-    thread.join(10)
+    with running_server(**LIMITS) as (address, app, _):
+        yield address, app.state.metta.metrics
 
 
 @pytest.fixture
