@@ -1,8 +1,8 @@
 """ASGI middlewares at the door: header limits, the body limit and the in-flight body budget.
 
 Each refusal here is a reply in the error table's JSON shape, counted in `metta_rejected_total`, and says
-`Connection: close` when the request's body was left unread (so the server drops the connection instead
-of reading and discarding the rest).
+`Connection: close` when the request's body was left unread (the HTTP protocol then reads and discards the
+rest for a bounded time, so the client reads its refusal, and closes).
 """
 
 from __future__ import annotations
@@ -45,11 +45,15 @@ class BodyLimitMiddleware:
     """Refuse bodies over max_body_bytes with 413 — by Content-Length at once, else while streaming — and
     hold every body in flight against the server-wide `body_budget` (429 with Retry-After when it is full).
 
-    Streaming bodies are counted as they arrive and reading stops at the limit, so an oversized
-    body is never buffered whole. A reply sent before its request's body was read to the end (413,
-    408, 401, 415, 429, ...) says `Connection: close`, so the server drops the connection instead of
-    reading and discarding the rest (a 200 MB upload after a 413, a byte-a-second trickle after a 408).
-    The body's bytes stay reserved until the request's reply is sent: its images are held until then.
+    A body is charged to the budget as its bytes arrive, not by what its Content-Length declares: sockets
+    that send headers declaring large bodies and then nothing hold none of it (they had held the whole budget
+    for the body timeout, and refused everyone else). A request whose declared body cannot fit beside what
+    is held now is refused at the door; one that outgrows the budget while arriving gets its 429 then.
+    Streaming bodies are counted as they arrive and reading stops at the limit, so an oversized body is
+    never buffered whole. A reply sent before its request's body was read to the end (413, 408, 401, 415,
+    429, ...) says `Connection: close`; the HTTP protocol then reads and discards the rest for a bounded time
+    (a lingering close), so the client reads its reply instead of a reset, and closes.
+    The body's bytes stay charged until the request's reply is sent: its images are held until then.
     """
 
     def __init__(self, app: ASGIApp, max_body_bytes: int, metrics: Metrics, body_budget: Budget | None = None) -> None:
@@ -73,7 +77,8 @@ class BodyLimitMiddleware:
         reservation: Reservation | None = None
         if self.body_budget is not None and body_pending:
             try:
-                reservation = self.body_budget.reserve(known or 0)
+                self.body_budget.check_room(known or 0)
+                reservation = self.body_budget.reserve(0)
             except ServiceError as error:
                 await self._refuse(error, scope, receive, send)
                 return
@@ -90,8 +95,8 @@ class BodyLimitMiddleware:
                 if received > limit:
                     raise too_large(limit)
                 if reservation is not None and received > reservation.amount:
-                    # A chunked body: held as it arrives. Raised inside the app's read of the body, so the
-                    # app's error handler answers (and counts) the 429 or 413.
+                    # Charged as it arrives. Raised inside the app's read of the body, so the app's error
+                    # handler answers (and counts) the 429 or 413.
                     reservation.grow(received - reservation.amount)
             return message
 

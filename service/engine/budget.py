@@ -27,12 +27,16 @@ class Budget:
     held: int = 0
     peak: int = field(default=0, repr=False)
 
-    def reserve(self, amount: int) -> Reservation:
+    def check_room(self, amount: int) -> None:
+        """429 unless `amount` more would fit now (or nothing is held): a check, nothing is taken."""
         if amount < 0:
             raise ValueError(f"cannot reserve a negative amount ({amount})")
         if self.held > 0 and self.held + amount > self.limit:
             raise Overloaded(f"the server holds too many {self.what} in flight ({self.held} of {self.limit}); "
                              "retry later", headers={"Retry-After": str(self.retry_after_s)})
+
+    def reserve(self, amount: int) -> Reservation:
+        self.check_room(amount)
         self.held += amount
         self.peak = max(self.peak, self.held)
         return Reservation(self, amount)
