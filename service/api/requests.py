@@ -8,11 +8,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Generic
+from typing import Generic, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
@@ -45,6 +47,7 @@ from service.settings import Settings
 _DATA_URL = re.compile(r"data:image/[a-zA-Z0-9.+-]+;base64,", re.ASCII)
 _OTHER_DATA_URL = re.compile(r"data:([^,;]*)[^,]*,", re.ASCII)  # any other data: URL, named in the error
 _URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://")
+T = TypeVar("T")
 
 
 @dataclass
@@ -97,11 +100,27 @@ async def read_embeddings_request(request: Request, settings: Settings,
     try:
         async with asyncio.timeout(settings.body_timeout_s):
             if media_type == "application/json":
-                # Parsing and base64-decoding up to max_body_bytes takes a while: off the event loop.
-                return await asyncio.to_thread(_parse_json, await request.body(), settings, schema, json_schema)
-            return await _parse_multipart(request, settings, schema)
+                body = await request.body()
+            else:
+                return await _parse_multipart(request, settings, schema)
     except TimeoutError:
         raise RequestTimeout(f"the request body did not arrive within {settings.body_timeout_s:g} s") from None
+    # Parsing and base64-decoding up to max_body_bytes takes a while: off the event loop, and after the body
+    # timeout (the client's clock runs while its bytes arrive, not while we parse them).
+    return await to_thread_to_the_end(_parse_json, body, settings, schema, json_schema)
+
+
+async def to_thread_to_the_end(function: Callable[..., T], *args: object) -> T:
+    """`function(*args)` in a thread, awaited to its end even when the awaiting request is cancelled (a
+    shutdown): what the thread holds stays charged to the request's budgets, released only when the request
+    settles, until the thread lets go of it."""
+    work = asyncio.ensure_future(asyncio.to_thread(function, *args))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await work
+        raise
 
 
 def _parse_json(body: bytes, settings: Settings, schema: type[OptionsT],

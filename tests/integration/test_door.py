@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+import service.api.requests
 import service.api.views
 from models import ModelOptions, create_model
 from service.api.app import create_app
@@ -193,7 +194,8 @@ async def test_the_body_budget_answers_429_with_retry_after() -> None:
         app = client.app  # type: ignore[attr-defined]
         hold = asyncio.Event()
         headers = [(b"content-type", b"application/json"), (b"content-length", b"100000")]
-        holder = asyncio.create_task(_call(app, "POST", "/v1/embeddings", headers, [b"{"], False, hold))
+        arrived = [b"{" + b" " * 49_999, b" " * 49_999]  # 99,999 bytes held: charged as they arrived
+        holder = asyncio.create_task(_call(app, "POST", "/v1/embeddings", headers, arrived, False, hold))
         await asyncio.sleep(0.1)
         refused = await client.post("/v1/embeddings", content=b"{" + b" " * 99_998 + b"}",
                                     headers={"content-type": "application/json"})
@@ -216,3 +218,36 @@ async def test_the_reported_fingerprint_names_the_decoding_choices() -> None:
     assert prints[0] != prints[1]
     assert prints[0] == create_model("dummy", ModelOptions(mode="eager")).fingerprint  # the library's defaults
 
+
+
+async def test_headers_declaring_bodies_hold_none_of_the_body_budget() -> None:
+    """Sockets that send headers declaring 100 KB bodies and then nothing, over the whole budget: a good
+    request is still served (each declared length was reserved, and everyone else got 429 until the body
+    timeout)."""
+    async with serve(max_body_bytes=100_000, max_inflight_body_bytes=150_000) as client:
+        app = client.app  # type: ignore[attr-defined]
+        hold = asyncio.Event()
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"100000")]
+        squatters = [asyncio.create_task(_call(app, "POST", "/v1/embeddings", headers, [], False, hold))
+                     for _ in range(4)]
+        await asyncio.sleep(0.1)
+        good = await client.post("/v1/embeddings", json={"images": [b64(GOOD)]})
+        assert good.status_code == 200, good.text
+        hold.set()
+        await asyncio.gather(*squatters)
+        assert app.state.metta.body_budget.held == 0
+
+
+async def test_parsing_a_json_body_is_not_on_the_body_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A body that arrived in time and takes longer than body_timeout_s to parse is served (it was answered
+    408 'the request body did not arrive')."""
+    parse = service.api.requests._parse_json
+
+    def slow_parse(*args: object) -> object:
+        time.sleep(0.6)
+        return parse(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(service.api.requests, "_parse_json", slow_parse)
+    async with serve(body_timeout_s=0.3) as client:
+        reply = await client.post("/v1/embeddings", json={"images": [b64(GOOD)]})
+        assert reply.status_code == 200, reply.text
