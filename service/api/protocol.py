@@ -5,9 +5,9 @@ connection in its timers, and closes a connection at once after a reply sent bef
 read (the client, still uploading, may see a reset instead of its 429). This protocol adds, per connection:
 
 - **head bytes**: at most `max_header_bytes` from a request's first byte (or the end of the one before it) to
-  the end of its headers, else 431, without feeding the parser the rest; a head that starts in the same read
-  as the end of the request before it may use up to twice that (bytes are counted per read of at most the
-  limit, since the parser does not say where in a read a message ends);
+  the end of its headers, else 431, without feeding the parser the rest. The parser does not say where in
+  the bytes fed a message ends, so they are fed in pieces that end where a Content-Length body does; a
+  head pipelined right behind a chunked body may use up to twice the limit;
 - **header count**: at most `max_headers`, else 431;
 - **trailers** (after a chunked body) count against the same limits: at most `max_headers` fields, and at
   most `max_header_bytes` of chunk framing in a row (trailers, chunk extensions) between two pieces of data,
@@ -116,6 +116,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._head_bytes = 0  # of the head being read
         self._framing_run = 0  # chunked-body bytes since its last data: chunk lines, extensions, trailers
         self._trailers = 0
+        self._body_left: int | None = None  # of a body with a Content-Length
         self._data_seen = False  # the parser gave body data (or ended a message) in the piece just fed
         self._reading: RequestResponseCycle | None = None  # the request whose body is being read
         self._running: RequestResponseCycle | None = None  # the request whose app runs: the next reply out
@@ -204,6 +205,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                     self._arm_read(self.limits.header_timeout_s, self._head_timeout)
                 piece = view[: limit - self._head_bytes]
                 self._head_bytes += len(piece)
+            elif self._body_left is not None:  # the piece ends where the body does: the next head is counted whole
+                piece = view[: max(1, min(limit, self._body_left))]
             else:
                 piece = view[:limit]  # bounded pieces: a run of chunk framing is measured piece by piece
             view = view[len(piece):]
@@ -251,6 +254,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.cycle.transport = self._reply_transport
         self._reading = self.cycle
         self._framing_run = self._trailers = 0
+        self._body_left = _content_length(self.headers)
         if self._running is self.cycle:  # it runs now (nothing ahead of it): its body is on the clock
             self._arm_read(self.limits.body_timeout_s + 1.0, self._body_timeout)
 
@@ -259,6 +263,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             return
         self._data_seen = True
         self._framing_run = 0
+        if self._body_left is not None:
+            self._body_left -= len(body)
         super().on_body(body)
 
     def on_message_complete(self) -> None:
@@ -410,6 +416,17 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._read_timer = None
         if self._reading is not None:
             self._refuse(RequestTimeout(f"the request body did not arrive within {self.limits.body_timeout_s:g} s"))
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    """A body's declared length (None when chunked: its end is found only by parsing it)."""
+    length = None
+    for name, value in headers:
+        if name == b"transfer-encoding":
+            return None
+        if name == b"content-length" and value.strip().isdigit():
+            length = int(value)
+    return length
 
 
 def reply_bytes(error: ServiceError) -> bytes:

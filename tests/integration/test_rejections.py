@@ -2,7 +2,8 @@
 
 Whoever sends a refusal counts it (the app's error handler, or the door when it answers itself); this checks
 that from outside, one refused request at a time: the counter of its reason moves by one, every other by none.
-(Refusals by the HTTP protocol itself: `test_slow_clients.py`.)
+The refusals the HTTP protocol sends itself are checked the same way on a real server over loopback, each
+read to its end by a client that sends all it meant to.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import asyncio
 import base64
 import io
 import json
+import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
@@ -18,7 +21,7 @@ import pytest
 from PIL import Image
 
 from service.metrics import REJECT_REASONS
-from tests.integration.conftest import ControlledModel, png_bytes, serve
+from tests.integration.conftest import ControlledModel, png_bytes, running_server, serve
 
 pytestmark = pytest.mark.anyio
 GOOD = base64.b64encode(png_bytes(0)).decode()
@@ -159,3 +162,60 @@ async def test_one_request_larger_than_the_pixel_budget_does_not_starve_the_othe
             assert budget.held <= 6_000_000
         assert (await hog).status_code == 200  # and the big one, alone at first, is served
     assert len(during) >= 3 and during.count(200) == len(during), during
+
+
+# Refusals the HTTP protocol sends itself, and early ones read to the end, on a real server over loopback.
+RAW_BODY = json.dumps({"images": [GOOD], "samples": 1}).encode()
+
+
+def raw_post(body: bytes, *extra: bytes) -> bytes:
+    return (b"POST /v1/embeddings HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n" + b"".join(extra)
+            + b"content-length: %d\r\n\r\n" % len(body) + body)
+
+
+CHUNKED_HEAD = b"POST /v1/embeddings HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+RAW_REFUSALS = [
+    pytest.param([b"GET /healthz HTTP/1.1\r\nhost: t\r\n" + b"".join(b"x-%d: 1\r\n" % i for i in range(30)) + b"\r\n"],
+                 431, "too_large", id="too-many-headers-at-the-protocol"),
+    pytest.param([CHUNKED_HEAD + b"%x\r\n%s\r\n0\r\n" % (len(RAW_BODY), RAW_BODY) + b"x-t: " + b"a" * 100_000],
+                 431, "too_large", id="trailers-too-large"),
+    pytest.param([CHUNKED_HEAD + b"%x\r\n%s\r\n0\r\n" % (len(RAW_BODY), RAW_BODY), 0.3,
+                  b"".join(b"x-t%d: 1\r\n" % i for i in range(30)) + b"\r\n"], 431, "too_large", id="too-many-trailers"),
+    pytest.param([raw_post(RAW_BODY, b"x-pad: " + b"p" * 3000 + b"\r\n") + b"GET /healthz HTTP/1.1\r\nhost: t\r\n"
+                  + b"x-pad: " + b"p" * 9000], 431, "too_large", id="pipelined-head-too-large"),
+    pytest.param([raw_post(b"x" * 600_000)], 413, "too_large", id="early-413-body-sent-anyway"),
+]
+
+
+@pytest.fixture(scope="module")
+def real_server():  # type: ignore[no-untyped-def]
+    with running_server(max_headers=20, header_timeout_s=0.5, max_header_bytes=8192, max_body_bytes=300_000) as (
+            address, app, _):
+        yield address, app
+
+
+@pytest.mark.parametrize(("steps", "status", "reason"), RAW_REFUSALS)
+def test_a_refusal_on_the_wire_is_read_in_full_and_counted_once(real_server, steps: list[bytes | float],  # type: ignore[no-untyped-def]
+                                                                status: int, reason: str) -> None:
+    address, app = real_server
+    metrics = app.state.metta.metrics
+
+    def now() -> dict[str, float]:
+        return {name: metrics.rejected.labels(name)._value.get() for name in REJECT_REASONS}
+
+    before = now()
+    with socket.create_connection(address, timeout=10) as sock:
+        for step in steps:
+            if isinstance(step, float):
+                time.sleep(step)
+            else:
+                sock.sendall(step)  # no reset while the client still sends: the server reads to the end
+        raw = b""
+        while chunk := sock.recv(65536):
+            raw += chunk
+    replies = [part for part in raw.split(b"HTTP/1.1 ")[1:]]
+    assert int(replies[-1].split()[0]) == status, raw[:300]
+    assert all(int(reply.split()[0]) == 200 for reply in replies[:-1]), raw[:300]
+    time.sleep(0.3)
+    moved = {name: value - before[name] for name, value in now().items() if value != before[name]}
+    assert moved == {reason: 1}, moved
