@@ -173,14 +173,16 @@ def raw_post(body: bytes, *extra: bytes) -> bytes:
             + b"content-length: %d\r\n\r\n" % len(body) + body)
 
 
-CHUNKED_HEAD = b"POST /v1/embeddings HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+CHUNKED_HEAD = (b"POST /v1/embeddings HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n"
+                b"transfer-encoding: chunked\r\n\r\n")
 RAW_REFUSALS = [
     pytest.param([b"GET /healthz HTTP/1.1\r\nhost: t\r\n" + b"".join(b"x-%d: 1\r\n" % i for i in range(30)) + b"\r\n"],
                  431, "too_large", id="too-many-headers-at-the-protocol"),
     pytest.param([CHUNKED_HEAD + b"%x\r\n%s\r\n0\r\n" % (len(RAW_BODY), RAW_BODY) + b"x-t: " + b"a" * 100_000],
                  431, "too_large", id="trailers-too-large"),
     pytest.param([CHUNKED_HEAD + b"%x\r\n%s\r\n0\r\n" % (len(RAW_BODY), RAW_BODY), 0.3,
-                  b"".join(b"x-t%d: 1\r\n" % i for i in range(30)) + b"\r\n"], 431, "too_large", id="too-many-trailers"),
+                  b"".join(b"x-t%d: 1\r\n" % i for i in range(30)) + b"\r\n"], 431, "too_large",
+                 id="too-many-trailers"),
     pytest.param([raw_post(RAW_BODY, b"x-pad: " + b"p" * 3000 + b"\r\n") + b"GET /healthz HTTP/1.1\r\nhost: t\r\n"
                   + b"x-pad: " + b"p" * 9000], 431, "too_large", id="pipelined-head-too-large"),
     pytest.param([raw_post(b"x" * 600_000)], 413, "too_large", id="early-413-body-sent-anyway"),
