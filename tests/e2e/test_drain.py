@@ -7,6 +7,8 @@ from __future__ import annotations
 import base64
 import io
 import signal
+import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -41,3 +43,31 @@ def test_sigterm_reports_not_ready_at_once_serves_through_the_delay_then_exits_z
             server.process.wait(10)
         server.log_file.close()
     assert exit_code == 0, server.log()
+
+
+def test_sigterm_with_a_grace_under_a_second_exits_though_a_client_never_reads(tmp_path: Path) -> None:
+    """--shutdown-grace-s 0.5 and a client that asked for replies and never reads them (4 KB receive buffer):
+    SIGTERM ends the process within seconds (a grace under 1 s was an unbounded wait, and the unread replies
+    kept the connection open for good)."""
+    server = start_server(tmp_path, "--model", "sleep:1000", "--device", "cpu", "--shutdown-grace-s", "0.5")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        sock.connect(("127.0.0.1", int(server.url.rsplit(":", 1)[1])))
+        sock.sendall(b"GET /openapi.json HTTP/1.1\r\nhost: t\r\n\r\n" * 200)
+        time.sleep(1.0)
+        term_at = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        try:
+            server.process.wait(15)
+        except subprocess.TimeoutExpired:
+            pass
+        elapsed = time.monotonic() - term_at
+        assert server.process.poll() is not None, "still running 15 s after SIGTERM"
+        assert elapsed < 10, elapsed
+    finally:
+        sock.close()
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait(10)
+        server.log_file.close()
