@@ -143,6 +143,19 @@ def panorama_png() -> bytes:
     return buffer.getvalue()
 
 
+def flood_client(url: str, files: list[tuple[str, tuple[str, bytes, str]]], stop: float,
+                 statuses: Counter[str]) -> None:
+    with httpx.Client(timeout=60) as http:
+        while time.monotonic() < stop:
+            try:
+                reply = http.post(f"{url}/v1/embeddings", files=files, data={"samples": "1", "policy": "center"})
+                statuses[str(reply.status_code)] += 1
+                if reply.status_code == 429 and "retry-after" not in reply.headers:
+                    statuses["429-without-retry-after"] += 1
+            except httpx.HTTPError as error:
+                statuses[type(error).__name__] += 1
+
+
 def flood(log_dir: Path, seconds: float, runs: int) -> dict[str, object]:
     png = panorama_png()
     files = [("images", (f"p{i}.png", png, "image/png")) for i in range(16)]
@@ -153,22 +166,10 @@ def flood(log_dir: Path, seconds: float, runs: int) -> dict[str, object]:
         try:
             idle = rss_mb(server)
             statuses: Counter[str] = Counter()
-            stop = time.monotonic() + seconds
-
-            def client() -> None:
-                with httpx.Client(timeout=60) as http:
-                    while time.monotonic() < stop:
-                        try:
-                            reply = http.post(f"{server.url}/v1/embeddings", files=files,
-                                              data={"samples": "1", "policy": "center"})
-                            statuses[str(reply.status_code)] += 1
-                            if reply.status_code == 429 and "retry-after" not in reply.headers:
-                                statuses["429-without-retry-after"] += 1
-                        except httpx.HTTPError as error:
-                            statuses[type(error).__name__] += 1
-
             with PeakRss(server) as peak:
-                threads = [threading.Thread(target=client) for _ in range(32)]
+                stop = time.monotonic() + seconds
+                threads = [threading.Thread(target=flood_client, args=(server.url, files, stop, statuses))
+                           for _ in range(32)]
                 for thread in threads:
                     thread.start()
                 for thread in threads:
@@ -260,7 +261,7 @@ def trailers(log_dir: Path) -> dict[str, object]:
                 send_end = type(error).__name__
             else:
                 send_end = "all sent"
-            status, _, reply, ending = read_reply(sock)
+            status, _, reply, _ = read_reply(sock)
             time.sleep(1.0)
         sock.close()
         return {"scenario": "trailers", "status": status, "reply": reply.decode(errors="replace")[:200],
@@ -289,7 +290,7 @@ def pipelining(log_dir: Path) -> dict[str, object]:
         for connections in (1, 48):
             replies: list[list[int]] = []
 
-            def one() -> None:
+            def one(replies: list[list[int]] = replies) -> None:
                 with socket.create_connection(("127.0.0.1", server.port)) as sock:
                     sock.sendall(three)
                     got = []

@@ -173,10 +173,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.pipeline.clear()
         super().connection_lost(exc)
 
-    def eof_received(self) -> bool | None:
+    def eof_received(self) -> None:  # None: the transport closes itself once what is written has gone out
         if self._lingering:
             self._close()  # the client has sent all it will: the lingering is over
-        return None
 
     def shutdown(self) -> None:
         """uvicorn's graceful shutdown: no new requests; what runs finishes, then the connection closes."""

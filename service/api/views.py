@@ -61,7 +61,10 @@ async def run_views(request: Request, state: ServiceState, images: list[bytes], 
         pending = engine.admit(jobs, left_s, requested_crops=None if auto is None else auto.high * len(jobs))
         try:
             results = await _wait_unless_disconnected(request, engine.result(pending, left_s))
-        except (asyncio.CancelledError, ClientGone):
+        except asyncio.CancelledError:  # the server cancelled it (its shutdown grace ran out): no client left
+            engine.abandon(pending, "shutdown")
+            raise
+        except ClientGone:
             engine.abandon(pending, "client_gone")  # at once, before the worker forms its next batch
             count_client_gone(request, metrics)
             raise

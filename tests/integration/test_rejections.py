@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import socket
@@ -221,3 +222,21 @@ def test_a_refusal_on_the_wire_is_read_in_full_and_counted_once(real_server, ste
     time.sleep(0.3)
     moved = {name: value - before[name] for name, value in now().items() if value != before[name]}
     assert moved == {reason: 1}, moved
+
+
+async def test_a_request_the_server_cancels_is_not_counted_as_client_gone() -> None:
+    """uvicorn cancels the handlers still running when the shutdown grace runs out: their clients did not
+    leave, so nothing is counted (they were counted as client_gone)."""
+    spy = ControlledModel()
+    async with serve(model=spy.loaded()) as client:
+        spy.gate.clear()
+        spy.entered.clear()
+        running = asyncio.create_task(post_json("/v1/embeddings", {"images": [GOOD], "samples": 4})(client))
+        await asyncio.to_thread(spy.entered.wait, 10)
+        before = counts(client)
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+        spy.gate.set()
+        await asyncio.sleep(0.05)
+        assert counts(client) == before
