@@ -203,6 +203,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                 if self._read_timer is None:  # the first byte of a head that starts while others run
                     self._arm_read(self.limits.header_timeout_s, self._head_timeout)
                 piece = view[: limit - self._head_bytes]
+                if not piece:  # the limit reached with the head still open
+                    self._refuse(HeadersTooLarge(f"the request headers are over the limit of {limit} bytes"))
+                    return
                 self._head_bytes += len(piece)
             elif self._body_left is not None:  # the piece ends where the body does: the next head is counted whole
                 piece = view[: max(1, min(limit, self._body_left))]
@@ -291,10 +294,13 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                                        and not running.disconnected)
 
     def on_response_complete(self) -> None:
-        if self.stopped:  # closing or lingering: the requests pipelined behind it are not started
+        if self.stopped:  # refused, closing or lingering: the requests pipelined behind it are not started
             self.server_state.total_requests += 1
-            if self._refusal is not None and not self._waiting_for_reply():
-                self._send_refusal()
+            if not self._waiting_for_reply():
+                if self._refusal is not None:
+                    self._send_refusal()
+                elif not self._lingering:
+                    self._close()
             return
         super().on_response_complete()  # starts the next pipelined request, if any
         self._unset_keepalive_if_required()  # idle connections are on the head timer instead
