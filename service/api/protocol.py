@@ -27,8 +27,9 @@ read (the client, still uploading, may see a reset instead of its 429). This pro
 
 A reply sent before its request's body has arrived (413, 429, 401, 408 …, or a refusal here) is followed
 by a **lingering close**: nothing more is written (FIN after the reply), the rest of the body is read and
-discarded for at most `linger_s` and `linger_bytes` (or until the client closes or is silent for 5 s),
-then the connection is closed. Nothing is kept of the discarded bytes.
+discarded until the body has used `linger_bytes` (what was read of it before the reply counts) or for at most
+`linger_s` (or until the client closes or is silent for 5 s), then the connection is closed. Nothing is kept
+of the discarded bytes.
 
 Every refusal is reported once to `on_reject(error)` (the app's `metta_rejected_total`). One that cuts short
 a request the app is still reading marks it (`REFUSED`, in the request's state), so the app, which then sees
@@ -117,6 +118,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._framing_run = 0  # chunked-body bytes since its last data: chunk lines, extensions, trailers
         self._trailers = 0
         self._body_left: int | None = None  # of a body with a Content-Length
+        self._body_read = 0  # of the body being read
         self._data_seen = False  # the parser gave body data (or ended a message) in the piece just fed
         self._reading: RequestResponseCycle | None = None  # the request whose body is being read
         self._running: RequestResponseCycle | None = None  # the request whose app runs: the next reply out
@@ -257,6 +259,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._reading = self.cycle
         self._framing_run = self._trailers = 0
         self._body_left = _content_length(self.headers)
+        self._body_read = 0
         if self._running is self.cycle:  # it runs now (nothing ahead of it): its body is on the clock
             self._arm_read(self.limits.body_timeout_s + 1.0, self._body_timeout)
 
@@ -265,6 +268,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             return
         self._data_seen = True
         self._framing_run = 0
+        self._body_read += len(body)
         if self._body_left is not None:
             self._body_left -= len(body)
         super().on_body(body)
@@ -392,6 +396,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.transport.write_eof()
         self._bound_the_flush()
         self.flow.resume_reading()
+        # The bytes of the refused body read so far count against the bound: a whole body of max_body_bytes can
+        # still be sent, one already past it is not read that far again.
+        self._discarded = self._body_read if self._reading is not None else 0
         self._linger_until = self.loop.time() + self.limits.linger_s
         self._arm_read(min(LINGER_SILENCE_S, self.limits.linger_s), self._linger_check)
 
