@@ -168,7 +168,10 @@ async def test_cancelled_clients_remaining_crops_are_not_computed() -> None:
         assert engine.queued_crops == 0
         assert (await client.post("/v1/embeddings", json=body(9))).status_code == 200
         metrics = (await client.get("/metrics")).text
-        assert 'metta_rejected_total{reason="client_gone"} 4.0' in metrics
+        # Cancelled handlers are what the server's shutdown makes (a client that leaves is noticed, not cancelled,
+        # under uvicorn: test_door, test_http_conformance): their crops are dropped all the same, and nothing is
+        # counted as client_gone.
+        assert 'metta_rejected_total{reason="client_gone"} 0.0' in metrics
 
 
 async def test_a_failing_forward_fails_exactly_the_requests_in_that_batch() -> None:
