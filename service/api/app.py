@@ -72,7 +72,8 @@ def create_app(settings: Settings | None = None, *, model: LoadedModel | None = 
                          description="Mean image embeddings over S test-time augmentations (MeTTA).")
     app.state.metta = state
     metrics.ready.set_function(lambda: 0.0 if state.not_ready_because() else 1.0)
-    for endpoints in (ops, catalog, embeddings, classify):
+    routers = (ops, catalog, embeddings, classify)
+    for endpoints in routers:
         app.include_router(endpoints.router)
     add_error_handlers(app, metrics)
     # Middlewares, innermost first: the body limit and budget, the header limits, then HEAD as GET, and the
@@ -82,6 +83,8 @@ def create_app(settings: Settings | None = None, *, model: LoadedModel | None = 
     app.add_middleware(HeaderLimitMiddleware, max_headers=settings.max_headers,
                        max_header_bytes=settings.max_header_bytes, metrics=metrics)
     app.add_middleware(HeadAsGetMiddleware)
+    # FastAPI keeps an included router as one entry of app.routes, without a path: take the routers' own routes.
+    routes = [*app.routes, *(route for endpoints in routers for route in endpoints.router.routes)]
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics,
-                       endpoints=[path for route in app.routes if (path := getattr(route, "path", None))])
+                       endpoints=[path for route in routes if isinstance(path := getattr(route, "path", None), str)])
     return app

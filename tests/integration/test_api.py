@@ -117,6 +117,8 @@ async def test_models_health_ready_metrics_and_openapi() -> None:
         await client.post("/v1/embeddings", json={"images": [b64(png_bytes())], "samples": 2})
         text = (await client.get("/metrics")).text
         assert 'metta_request_duration_seconds_count{endpoint="/v1/embeddings",samples="2"} 1.0' in text
+        for path, code in (("/v1/embeddings", 200), ("/v1/models", 200), ("/healthz", 200), ("/readyz", 200)):
+            assert f'metta_requests_total{{code="{code}",endpoint="{path}"}} 1.0' in text
         assert 'metta_model_info{device="cpu",dim="16"' in text
         spec = (await client.get("/openapi.json")).json()
         body = spec["paths"]["/v1/embeddings"]["post"]["requestBody"]["content"]
