@@ -14,8 +14,10 @@ Parts, each with `--repeats` interleaved repeats and the median reported:
 - `ceiling`: `sleep:0` (a forward that costs nothing), this tree against round 1 (main at f1762a5, checked out
   as a worktree and served by `bench/baseline_sleep.py`), S=32 and S=1 × 16 clients, one server paused while
   the other is measured.
-- `auto`: the default model past 2x overload (16 clients), fixed S=32 against `samples: "auto"` (4 … 32) with
-  a deadline of four times a lone S=32 request's latency: images/s, status codes, the S given, cosine to S=32.
+- `auto`: the default model, fixed S=32 against `samples: "auto"` (4 … 32) (`bench/auto_s.py`): past 2x overload
+  (16 clients) with a deadline of four times a lone S=32 request's latency; and without deadlines, 32 clients
+  against a 256-crop queue, then 8 clients pacing at half of fixed S=32's images/s: images/s, status codes, the
+  S given, cosine to S=32.
 Photos: the sample photos beside the checkout, else synthetic JPEGs of the same sizes (the JSON says which).
 """
 
@@ -24,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import statistics
 import subprocess
 import sys
@@ -33,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import prom
+from bench import auto_s, prom
 from bench.loadgen import json_bodies, run_load
 from service.testing import REPO, ServerProcess, photos, start_process, start_server
 
@@ -158,95 +159,14 @@ def part_ceiling(args: argparse.Namespace, bodies: dict[int, list[bytes]], logs:
 
 
 def part_auto(args: argparse.Namespace, bodies: dict[int, list[bytes]], logs: Path) -> dict[str, Any]:
-    """Past twice the load one server carries at S=32: fixed S=32 against `samples: "auto"` (4 … 32, with a
-    deadline of four lone S=32 latencies), same clients; images/s, 5xx, the S given, cosine to S=32."""
-    import base64
-    import threading
-
-    import httpx
-    import numpy as np
-
+    """Auto S against fixed S=32, with deadlines and without (bench/auto_s.py)."""
     images = [json.loads(body)["images"][0] for body in bodies[1][:40]]
-    server = start_server(logs, "--threads", str(args.threads), name="auto", own_session=True, ready_timeout=600)
-    url = server.url + "/v1/embeddings"
-
-    def post(client: httpx.Client, index: int, seed: int, **options: Any) -> httpx.Response:
-        return client.post(url, json={"images": [images[index]], "policy": "crop_flip", "seed": seed,
-                                      "encoding": "base64", **options}, timeout=120)
-
-    def vector(reply: httpx.Response) -> np.ndarray:
-        return np.frombuffer(base64.b64decode(reply.json()["data"][0]["embedding"]), "<f4")
-
-    def load(options: dict[str, Any], clients: int, seconds: float) -> dict[str, Any]:
-        replies: list[tuple[int, int, int, np.ndarray | None]] = []  # (status, image, seed, embedding)
-        samples_given: list[int] = []
-        errors: dict[str, int] = {}  # error type and message → count
-        lock = threading.Lock()
-        stop = time.monotonic() + seconds
-
-        def client_loop(worker: int) -> None:
-            with httpx.Client() as client:
-                n = 0
-                while time.monotonic() < stop:
-                    index, seed = (worker * 7 + n) % len(images), worker * 1000 + n
-                    reply = post(client, index, seed, **options)
-                    if reply.status_code == 429:  # as a client should: back off for the Retry-After it was given
-                        time.sleep(float(reply.headers.get("retry-after", 1)))
-                    with lock:
-                        ok = reply.status_code == 200
-                        replies.append((reply.status_code, index, seed, vector(reply) if ok else None))
-                        if ok:
-                            samples_given.append(reply.json()["samples"])
-                        else:
-                            error = reply.json()["error"]
-                            key = f"{reply.status_code} {error['type']}: {error['message'][:90]}"
-                            errors[key] = errors.get(key, 0) + 1
-                    n += 1
-
-        started = time.perf_counter()
-        threads = [threading.Thread(target=client_loop, args=(w,)) for w in range(clients)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        wall = time.perf_counter() - started
-        codes: dict[str, int] = {}
-        for status, *_ in replies:
-            codes[str(status)] = codes.get(str(status), 0) + 1
-        return {"replies": replies, "images_per_s": codes.get("200", 0) / wall, "codes": codes, "errors": errors,
-                "samples": {str(s): samples_given.count(s) for s in sorted(set(samples_given))}}
-
-    try:
-        with httpx.Client() as client:
-            post(client, 0, 0, samples=32)
-            lone = statistics.median(_timed(lambda: post(client, 0, 0, samples=32)) for _ in range(3))
-        clients = 16  # a lone S=32 request keeps the model busy; 16 at once is far past 2x what it can carry
-        fixed = load({"samples": 32}, clients, args.seconds * 2)
-        auto = load({"samples": "auto", "samples_min": 4, "samples_max": 32, "timeout_ms": round(4000 * lone)},
-                    clients, args.seconds * 2)
-        cosines = []
-        with httpx.Client() as client:
-            done = [r for r in auto["replies"] if r[0] == 200 and r[3] is not None]
-            for _, index, seed, embedding in done[:: max(1, len(done) // 40)]:
-                if embedding is not None:
-                    full = vector(post(client, index, seed, samples=32))
-                    cosines.append(float(embedding @ full / (np.linalg.norm(embedding) * np.linalg.norm(full))))
-    finally:
-        server.stop()
-    for run in (fixed, auto):
-        del run["replies"]
-    result = {"lone_s32_seconds": lone, "clients": clients, "fixed_s32": fixed, "auto_4_32": auto,
-              "images_per_s_ratio": auto["images_per_s"] / fixed["images_per_s"],
-              "cosine_to_s32": {"count": len(cosines), "min": min(cosines, default=math.nan),
-                                "median": statistics.median(cosines) if cosines else math.nan}}
-    log(f"auto: {json.dumps({k: v for k, v in result.items() if k != 'fixed_s32'})[:600]}")
+    result = {"with_deadlines": auto_s.with_deadlines(images, args.threads, args.seconds * 2, logs)}
+    log(f"auto with deadlines: {json.dumps(result['with_deadlines'])[:600]}")
+    result["without_deadlines"] = auto_s.without_deadlines(images, args.threads, args.seconds * 2, logs)
+    log(f"auto without deadlines: {json.dumps(result['without_deadlines'])[:900]}")
+    result["images_per_s_ratio"] = {name: run["images_per_s_ratio"] for name, run in result.items()}
     return result
-
-
-def _timed(call: Any) -> float:
-    started = time.perf_counter()
-    call()
-    return time.perf_counter() - started
 
 
 PARTS = {"default": part_default, "sleep": part_sleep, "ceiling": part_ceiling, "auto": part_auto}
