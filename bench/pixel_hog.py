@@ -1,6 +1,6 @@
-"""One request against the pixel budget: 64 flat 40 MP JPEGs, then two good clients for 20 s (issue 21's goal).
+"""One request against the pixel budget: 64 flat 40 MP images, then two good clients for 20 s (issue 21's goal).
 
-    flock /work/.heavy.lock .venv/bin/python bench/pixel_hog.py --out hog.json
+    flock /work/.heavy.lock .venv/bin/python bench/pixel_hog.py --format png --out hog.json
     PYTHONPATH=/tmp/base-02c7108 .venv/bin/python bench/pixel_hog.py   # the same against an older tree
 
 A loopback server with the default settings (256 M pixel budget, the default model, 2 threads). First the big
@@ -29,18 +29,21 @@ from service.testing import photos, start_server
 SAMPLE_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
 
 
-def flat_jpeg(width: int = 8_000, height: int = 5_000) -> bytes:
+def flat_image(fmt: str, width: int = 8_000, height: int = 5_000) -> bytes:
+    """A flat picture: a few hundred KB that decode to 40 MP. A JPEG may be decoded at a reduced scale (its views
+    allow 1/8 here); a PNG is always decoded whole."""
     buffer = io.BytesIO()
-    Image.new("RGB", (width, height), (120, 90, 60)).save(buffer, "JPEG", quality=75)
+    Image.new("RGB", (width, height), (120, 90, 60)).save(buffer, fmt, **({"quality": 75} if fmt == "JPEG" else {}))
     return buffer.getvalue()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--format", choices=["jpeg", "png"], default="jpeg", help="the big request's images")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    flat = base64.b64encode(flat_jpeg()).decode()
+    flat = base64.b64encode(flat_image(args.format.upper())).decode()
     big = {"images": [flat] * 64, "samples": 1, "policy": "center"}
     pictures = photos(40, directory=SAMPLE_DIR)
     good_images = [base64.b64encode(image).decode() for image in pictures.images]
@@ -91,7 +94,8 @@ def main() -> None:
         server.stop()
     latencies.sort()
     answered = sum(codes.values())
-    report = {"photos": pictures.source, "big_alone": alone, "big_with_good_clients": with_others,
+    report = {"format": args.format, "photos": pictures.source, "big_alone": alone,
+              "big_with_good_clients": with_others,
               "good_codes": {str(code): count for code, count in sorted(codes.items())},
               "good_200_share": round(codes[200] / answered, 3) if answered else None,
               "good_p95_s": round(latencies[int(0.95 * (len(latencies) - 1))], 2) if latencies else None}
