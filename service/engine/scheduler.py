@@ -13,6 +13,7 @@ is free for the next admission and its remaining crops never run.
 from __future__ import annotations
 
 import collections
+import heapq
 import itertools
 import math
 import time
@@ -131,7 +132,7 @@ class Scheduler:
         self._ids = itertools.count(1)
         self._queue: collections.deque[Ticket] = collections.deque()  # with crops to hand out, in turn order
         self._running: dict[int, Ticket] = {}  # admitted, not yet settled or abandoned
-        self._refused_until: list[float] = []  # each request refused lately: when its Retry-After ends
+        self._refused_until: list[float] = []  # a heap: for each request refused lately, when its Retry-After ends
 
     # ---- figures ---------------------------------------------------------------------------------
     @property
@@ -253,12 +254,14 @@ class Scheduler:
         """Remember an overload refusal until its Retry-After ends: the demand it stands for is coming back (a
         request refused for a deadline too short for its own crops is not: it has no Retry-After)."""
         if "Retry-After" in refusal.headers:
-            self._refused_until.append(self.clock() + float(refusal.headers["Retry-After"]))
+            heapq.heappush(self._refused_until, self.clock() + float(refusal.headers["Retry-After"]))
+        self._refused_lately()  # forgotten as they expire, so a long flood of refusals holds no memory
         return refusal
 
     def _refused_lately(self) -> int:
         now = self.clock()
-        self._refused_until = [until for until in self._refused_until if until > now]
+        while self._refused_until and self._refused_until[0] <= now:
+            heapq.heappop(self._refused_until)
         return len(self._refused_until)
 
     def _crops_until_done(self, crops: int) -> int:
