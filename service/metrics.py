@@ -67,6 +67,10 @@ class Metrics:
         self.queue_crops = Gauge(
             "metta_queue_crops", "Crops admitted and not yet computed (auto-S requests at the S they asked for).",
             registry=r)
+        self.decode_backlog = Gauge(
+            "metta_decode_backlog_seconds",
+            "How long the decodes waiting and running would keep every decode worker busy, at the mean decode "
+            "time measured lately (/readyz says 503 above the stall threshold, 5 s).", registry=r)
         self.queue_wait_estimate = Gauge(
             "metta_queue_wait_estimate_seconds",
             "The wait a new request would see: the crops queued now at the pace measured lately (0 when idle).",

@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     mode: Literal["auto", "eager", "torchscript", "openvino"] = Field("auto", description="execution engine")
     threads: int = Field(default_factory=available_cpus, ge=1, description="intra-op threads (CPU)")
     decode_workers: int = Field(default_factory=available_cpus, ge=1, description="image decode threads")
+    decode_time_budget_s: float = Field(
+        10.0, ge=0, description="each decode but a baseline JPEG's runs in a child process killed past this "
+                                "many seconds (400); 0: every decode in its thread, without a budget")
     render_workers: int = Field(default_factory=available_cpus, ge=1,
                                 description="threads rendering one batch's views, while the model runs the last")
     device_jpeg_decode: bool = Field(True, description="on CUDA, decode JPEGs on the GPU (nvJPEG via torchvision)")

@@ -16,12 +16,11 @@ from fastapi_offline import FastAPIOffline
 
 from models import LoadedModel
 from service.api import catalog, classify, embeddings, ops
-from service.api.decoding import DecodePool
 from service.api.errors import add_error_handlers
 from service.api.head import HeadAsGetMiddleware
 from service.api.middleware import BodyLimitMiddleware, HeaderLimitMiddleware
 from service.api.request_metrics import RequestMetricsMiddleware
-from service.api.state import ServiceState, load_model, warm_up
+from service.api.state import ServiceState, decode_pool, load_model, warm_up
 from service.engine.worker import Engine
 from service.metrics import Metrics
 from service.settings import Settings
@@ -38,7 +37,8 @@ def create_app(settings: Settings | None = None, *, model: LoadedModel | None = 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # A fresh pool per lifespan: the previous one is shut down when a lifespan ends (tests restart apps).
-        state.decode_pool = DecodePool(settings.decode_workers)
+        state.decode_pool.shutdown()
+        state.decode_pool = decode_pool(settings)
         loaded = model if model is not None else await asyncio.to_thread(load_model, settings)
         state.model = loaded
         if loaded.device.type == "cuda":
@@ -54,6 +54,8 @@ def create_app(settings: Settings | None = None, *, model: LoadedModel | None = 
         config = settings.batching(loaded.device.type)
         async with Engine(loaded, config, metrics, render_workers=settings.render_workers) as engine:
             state.engine = engine
+            if state.decode_pool.isolation is not None:  # its decode processes started before we say ready
+                await asyncio.to_thread(state.decode_pool.isolation.warm)
             await warm_up(state)
             state.ready = True
             log.info("ready: model=%s fingerprint=%s device=%s mode=%s", loaded.name, loaded.fingerprint,
@@ -72,6 +74,7 @@ def create_app(settings: Settings | None = None, *, model: LoadedModel | None = 
                          description="Mean image embeddings over S test-time augmentations (MeTTA).")
     app.state.metta = state
     metrics.ready.set_function(lambda: 0.0 if state.not_ready_because() else 1.0)
+    metrics.decode_backlog.set_function(lambda: state.decode_pool.backlog_s())
     routers = (ops, catalog, embeddings, classify)
     for endpoints in routers:
         app.include_router(endpoints.router)

@@ -28,7 +28,7 @@ class ServiceState:
         self.ready = False
         self.draining = False  # SIGTERM seen (service/api/server.py): /readyz says 503, admitted work goes on
         self.api_keys = [key.encode() for key in settings.load_api_keys()]
-        self.decode_pool = DecodePool(settings.decode_workers)
+        self.decode_pool = decode_pool(settings)
         self.body_budget = Budget(settings.max_inflight_body_bytes, "request-body bytes")
         # Decoded pixels held by requests: each image's header size while it decodes, then its working copy's.
         self.pixel_budget = Budget(settings.max_queue_pixels, "decoded pixels")
@@ -45,6 +45,8 @@ class ServiceState:
             return "the inference worker has stopped"
         if self.decode_pool.stalled():
             return "every decode worker has been busy on one image for a while; retry elsewhere"
+        if self.decode_pool.backlog_s() > self.decode_pool.stall_s:
+            return "the decodes waiting would keep every decode worker busy for a while; retry elsewhere"
         return None
 
     def serving_model(self) -> LoadedModel:
@@ -52,6 +54,11 @@ class ServiceState:
         if self.model is None or not self.ready:
             raise NotReady("the model is not loaded yet")
         return self.model
+
+
+def decode_pool(settings: Settings) -> DecodePool:
+    """The decode pool, with its time budget (isolated decodes) unless --decode-time-budget-s is 0."""
+    return DecodePool(settings.decode_workers, time_budget_s=settings.decode_time_budget_s or None)
 
 
 def state_of(request: Request) -> ServiceState:

@@ -107,7 +107,8 @@ async def _decode_all(state: ServiceState, images: list[bytes], options: EmbedOp
 
     def decode_and_plan(image: OpenedImage, reduction: int) -> ImageJob:
         started = time.perf_counter()
-        decoded = image.decode(reduction, jpeg_device=state.jpeg_device, icc_to_srgb=settings.icc_to_srgb)
+        decoded = image.decode(reduction, jpeg_device=state.jpeg_device, icc_to_srgb=settings.icc_to_srgb,
+                               isolation=pool.isolation)
         state.metrics.decode_duration.observe(time.perf_counter() - started)
         return ImageJob(decoded, options, model, planned=(image.height, image.width))
 

@@ -16,16 +16,29 @@ import contextlib
 import io
 import warnings
 from collections.abc import Iterator
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import pi_heif
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from service.core import bmp_rle
 from service.core.colour import budget_pixels, to_rgb
 from service.core.errors import InvalidImage, PayloadTooLarge
 from service.core.precheck import check_structure
+
+if TYPE_CHECKING:  # torch is imported where a tensor is made: the isolated decoder's child runs without it
+    import torch
+
+
+class Isolation(Protocol):
+    """Where some decodes run instead of this thread (`service.core.isolation.IsolatedDecoder`)."""
+
+    def applies(self, image_format: str | None, progressive: bool) -> bool: ...
+
+    def decode(self, data: bytes, *, reduction: int, icc_to_srgb: bool, max_pixels: int, max_side: int,
+               label: str) -> np.ndarray: ...
+
 
 # Pillow format ids: JPEG, PNG, WebP, GIF (first frame), BMP, TIFF (first page), HEIF (HEIC: the primary
 # image, through pi-heif, a decode-only libheif + libde265 build) and AVIF (Pillow's own libavif; the first
@@ -77,7 +90,7 @@ class OpenedImage:
         return budget_pixels(-(-width // reduction), -(-height // reduction), self.image.mode)
 
     def decode(self, reduction: int = 1, *, jpeg_device: torch.device | None = None,
-               icc_to_srgb: bool = True) -> torch.Tensor:
+               icc_to_srgb: bool = True, isolation: Isolation | None = None) -> torch.Tensor:
         """The pixels, uint8 (3, H, W) upright RGB, decoded at 1/`reduction` of the size on each side (rounded
         up, as libjpeg does); raises InvalidImage (400) naming the label.
 
@@ -85,15 +98,32 @@ class OpenedImage:
         (see `device_decodable`) are decoded by torchvision there (nvJPEG on CUDA) at full size and the tensor
         comes back on that device; any JPEG torchvision refuses takes the Pillow path. `icc_to_srgb`: convert
         an embedded ICC profile to sRGB (relative colorimetric); a profile lcms cannot read is ignored (the
-        pixels are taken as sRGB, as browsers do).
+        pixels are taken as sRGB, as browsers do). With `isolation`, the images it `applies` to are decoded in
+        its child process, within its time budget (`service.core.isolation`).
         """
+        import torch
+
+        image = self.image
+        if jpeg_device is not None and device_decodable(image, icc_to_srgb=icc_to_srgb):
+            with _decode_errors(self.label):
+                decoded = _decode_jpeg_on(self.data, jpeg_device)
+            # Only the stored shape: an orientation-tagged file never gets here (see device_decodable).
+            if decoded is not None and tuple(decoded.shape[1:]) == (self.stored[1], self.stored[0]):
+                return decoded
+        if isolation is not None and isolation.applies(image.format, bool(image.info.get("progressive"))):
+            width, height = self.stored
+            pixels = isolation.decode(self.data, reduction=reduction, icc_to_srgb=icc_to_srgb,
+                                      max_pixels=width * height, max_side=max(width, height), label=self.label)
+        else:
+            pixels = self.pixels(reduction, icc_to_srgb=icc_to_srgb)
+        # (3, H, W) over the decoder's H×W×3 pixels, not repacked: the renderer reads this interleaved layout
+        # fastest (see `pixel_interleaved`), and one copy less per image.
+        return torch.from_numpy(pixels).permute(2, 0, 1)
+
+    def pixels(self, reduction: int = 1, *, icc_to_srgb: bool = True) -> np.ndarray:
+        """`decode`'s Pillow path in this thread, as an (H, W, 3) uint8 array."""
         image, label = self.image, self.label
         with _decode_errors(label):
-            if jpeg_device is not None and device_decodable(image, icc_to_srgb=icc_to_srgb):
-                decoded = _decode_jpeg_on(self.data, jpeg_device)
-                # Only the stored shape: an orientation-tagged file never gets here (see device_decodable).
-                if decoded is not None and tuple(decoded.shape[1:]) == (self.stored[1], self.stored[0]):
-                    return decoded
             if reduction > 1:
                 width, height = self.stored
                 image.draft(image.mode, (width // reduction, height // reduction))
@@ -106,9 +136,7 @@ class OpenedImage:
                 image.close()  # the decoded pixels: freed before the copy below, not after
             if rgb.size not in (expected, expected[::-1]):  # a header that lied about the size
                 raise InvalidImage(f"{label} decoded to {rgb.size[0]}x{rgb.size[1]}, not its header's size")
-        # (3, H, W) over the decoder's H×W×3 pixels, not repacked: the renderer reads this interleaved layout
-        # fastest (see `pixel_interleaved`), and one copy less per image.
-        return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)
+        return np.array(rgb, dtype=np.uint8)
 
 
 # EXIF orientation → the transpose that makes the pixels upright (as ImageOps.exif_transpose; `info` is kept).
@@ -133,11 +161,12 @@ def open_image(data: bytes, *, max_pixels: int, max_side: int, label: str = "ima
 
 
 def decode_image(data: bytes, *, max_pixels: int, max_side: int, label: str = "image",
-                 jpeg_device: torch.device | None = None, icc_to_srgb: bool = True) -> torch.Tensor:
+                 jpeg_device: torch.device | None = None, icc_to_srgb: bool = True,
+                 isolation: Isolation | None = None) -> torch.Tensor:
     """Decode one image at full size; raises InvalidImage (400) or PayloadTooLarge (413) naming `label`.
     (`open_image`, then `OpenedImage.decode`.)"""
     opened = open_image(data, max_pixels=max_pixels, max_side=max_side, label=label)
-    return opened.decode(jpeg_device=jpeg_device, icc_to_srgb=icc_to_srgb)
+    return opened.decode(jpeg_device=jpeg_device, icc_to_srgb=icc_to_srgb, isolation=isolation)
 
 
 def image_size(data: bytes, *, max_pixels: int, max_side: int, label: str = "image") -> tuple[int, int]:
@@ -193,6 +222,7 @@ def device_decodable(image: Image.Image, *, icc_to_srgb: bool) -> bool:
 
 def _decode_jpeg_on(data: bytes, device: torch.device) -> torch.Tensor | None:
     """torchvision's JPEG decoder on `device`, EXIF orientation applied; None where it cannot decode."""
+    import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
     encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
