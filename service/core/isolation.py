@@ -15,7 +15,7 @@ decodes in the calling thread (libjpeg-turbo's time is linear in its pixels, ≤
 
 Protocol on the child's stdin/stdout: a request is a 4-byte big-endian length, a JSON header, and the
 encoded bytes (their length in the header); a reply is a 4-byte length, a JSON header (`shape`, or
-`error` and `message`), and the pixels (H × W × 3 bytes) when there is a shape.
+`refusal` and `message`), and the pixels (H × W × 3 bytes) when there is a shape.
 """
 
 from __future__ import annotations
@@ -95,8 +95,8 @@ class IsolatedDecoder:
             child.stdin.flush()
             self._wait(child, label)
             reply = json.loads(_read_exactly(child.stdout, _LENGTH.unpack(_read_exactly(child.stdout, 4))[0]))
-            if "error" in reply:
-                raise _ERRORS.get(reply["error"], InvalidImage)(reply["message"])
+            if "refusal" in reply:
+                raise _ERRORS.get(reply["refusal"], InvalidImage)(reply["message"])
             height, width, bands = reply["shape"]
             pixels = bytearray(height * width * bands)
             _read_into(child.stdout, pixels)
@@ -229,9 +229,9 @@ def _serve() -> None:
                                 label=header["label"])
             pixels = opened.pixels(header["reduction"], icc_to_srgb=header["icc_to_srgb"])
         except (InvalidImage, PayloadTooLarge) as exc:
-            reply, body = {"error": type(exc).__name__, "message": str(exc)}, b""
+            reply, body = {"refusal": type(exc).__name__, "message": str(exc)}, b""
         except MemoryError:
-            reply, body = {"error": "PayloadTooLarge", "message": f"{header['label']} is too large to decode"}, b""
+            reply, body = {"refusal": "PayloadTooLarge", "message": f"{header['label']} is too large to decode"}, b""
         else:
             reply, body = {"shape": list(pixels.shape)}, pixels.tobytes()
         encoded = json.dumps(reply).encode()
