@@ -67,7 +67,7 @@ _TIFF_TILE_TAGS = (324, 325)  # TileOffsets, TileByteCounts
 def check_structure(data: bytes, label: str = "image") -> None:
     """Raise InvalidImage naming `label` if the bytes are an allowed format built to be slow or big to open."""
     if data.startswith(_JPEG_SOI):
-        scans = data.count(_JPEG_SOS)
+        scans = data.count(_JPEG_SOS, _jpeg_first_scan(data))
         if scans > MAX_JPEG_SCANS:
             raise InvalidImage(f"{label} is a JPEG with {scans} scans; at most {MAX_JPEG_SCANS} are accepted")
     elif data.startswith(_PNG_SIGNATURE):
@@ -78,6 +78,21 @@ def check_structure(data: bytes, label: str = "image") -> None:
         _check_gif(data, label)
     elif data[:4] in _TIFF_HEADERS:
         _check_tiff(data, label)
+
+
+def _jpeg_first_scan(data: bytes) -> int:
+    """Where the first scan's marker stands: the segments before it (an ICC profile, EXIF, a thumbnail) are
+    skipped by their lengths, since their bytes may hold FF DA by chance (a 15 MB profile holds hundreds)."""
+    at = len(_JPEG_SOI)
+    while at + 4 <= len(data) and data[at] == 0xFF:
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            at += 1
+        elif marker == 0xDA:
+            return at
+        else:
+            at += 2 + int.from_bytes(data[at + 2:at + 4], "big")
+    return at
 
 
 def png_chunk_limit(size: int) -> int:

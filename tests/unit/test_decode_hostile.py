@@ -370,3 +370,13 @@ def test_the_pixel_budget_charges_the_bytes_of_each_decode_path() -> None:
     assert open_image(rgba, **LIMITS).decoded_pixels() == budget_pixels(300, 200, "RGBA") > 300 * 200
     assert open_image(encode(Image.fromarray(gradient(300, 200)), "JPEG"), **LIMITS).decoded_pixels() == 300 * 200
     assert decode_bytes_per_pixel("some future mode") == max(decode_bytes_per_pixel(m) for m in ("RGB", "RGBA", "F"))
+
+
+def test_a_jpeg_whose_icc_profile_holds_scan_markers_is_not_refused_for_them() -> None:
+    """The scan count skips the segments before the first scan: a large ICC profile holds FF DA by chance."""
+    profile = b"\xff\xda\x00\x01" * (MAX_JPEG_SCANS + 50)
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 30, 90)).save(buffer, "JPEG", icc_profile=profile)
+    check_structure(buffer.getvalue())
+    with pytest.raises(InvalidImage, match="scans"):
+        check_structure(many_scan_jpeg(64, 48, MAX_JPEG_SCANS + 20))
