@@ -355,7 +355,7 @@ def readers(log_dir: Path) -> dict[str, object]:
     tiny = io.BytesIO()
     Image.new("RGB", (64, 48), (10, 120, 200)).save(tiny, "PNG")
     body = json.dumps({"images": [base64.b64encode(tiny.getvalue()).decode()] * 256, "samples": 2,
-                       "policy": "crop_flip", "variance": True}).encode()
+                       "policy": "crop_flip", "return_variance": True}).encode()
     flags = ("--model", "sleep:0", "--device", "cpu", "--max-images", "256")
     server = start_server(log_dir, *flags)
     try:
@@ -363,6 +363,7 @@ def readers(log_dir: Path) -> dict[str, object]:
         idle = rss_mb(server)
         reply = httpx.post(f"{server.url}/v1/embeddings", content=body,
                            headers={"content-type": "application/json"}, timeout=120)
+        assert reply.status_code == 200, reply.text[:300]
         reply_mb = len(reply.content) / MB
         socks = [never_reader(server.port, body) for _ in range(8)]
         started = time.monotonic()
