@@ -93,7 +93,7 @@ def raw_limit(model: str, threads: int, seconds: float, out: Path) -> float:
 def part_default(args: argparse.Namespace, bodies: dict[int, list[bytes]], logs: Path) -> dict[str, Any]:
     server = start_server(logs, "--threads", str(args.threads), name="metta", own_session=True,
                           ready_timeout=600)
-    repeats = []
+    repeats: list[dict[str, Any]] = []
     try:
         for repeat in range(args.repeats):
             server.pause()

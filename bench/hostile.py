@@ -24,6 +24,7 @@ import os
 import resource
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +99,7 @@ def isolation_cost() -> dict[str, dict[str, float]]:
 
     from PIL import Image
 
-    from service.core.decode import decode_image
+    from service.core.decode import SizeLimits, decode_image
     from service.core.isolation import IsolatedDecoder
     from service.testing import photos
 
@@ -107,7 +108,7 @@ def isolation_cost() -> dict[str, dict[str, float]]:
         def applies(image_format: str | None, progressive: bool) -> bool:
             return True
 
-    limits = {"max_pixels": 40_000_000, "max_side": 12_000}
+    limits: SizeLimits = {"max_pixels": 40_000_000, "max_side": 12_000}
     sample = photos(60).images
     big = Image.open(io.BytesIO(sample[0])).convert("RGB").resize((4032, 3024))
     sets = {"sample photos, JPEG": sample,
@@ -144,9 +145,9 @@ def _attack_file(name: str, index: int) -> bytes:
     if name == "icc":
         return hostile.jpeg_with_profile(hostile.padded_profile(15 * 2**20, seed=index))
     if name not in _CACHE:
-        make = {"bmp-rle": hostile.bmp_rle8_bomb, "tiff-strips": hostile.tiff_many_strips,
-                "float-tiff": hostile.float_tiff}[name]
-        _CACHE[name] = make()
+        makers: dict[str, Callable[[], bytes]] = {
+            "bmp-rle": hostile.bmp_rle8_bomb, "tiff-strips": hostile.tiff_many_strips, "float-tiff": hostile.float_tiff}
+        _CACHE[name] = makers[name]()
     return _CACHE[name]
 
 
@@ -163,7 +164,7 @@ def _post(url: str, image: bytes, samples: int = 8, timeout: float = 120.0) -> t
     body = json.dumps({"images": [base64.b64encode(image).decode()], "samples": samples, "seed": 1}).encode()
     parsed = urllib.parse.urlparse(url)
     started = time.perf_counter()
-    connection = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=timeout)
+    connection = http.client.HTTPConnection(parsed.netloc, timeout=timeout)
     try:
         connection.request("POST", "/v1/embeddings", body, {"content-type": "application/json"})
         reply = connection.getresponse()

@@ -118,7 +118,7 @@ def camera_jpeg(picture: Image.Image, *, rotate: bool, p3: bool) -> bytes:
         picture = picture.transpose(Image.Transpose.ROTATE_90)
         extra["exif"] = exif.tobytes()
     out = io.BytesIO()
-    picture.save(out, "JPEG", quality=92, subsampling="4:2:0", **extra)  # type: ignore[arg-type]
+    picture.save(out, "JPEG", quality=92, subsampling="4:2:0", **extra)
     return out.getvalue()
 
 

@@ -86,7 +86,7 @@ def measure(name: str, engines: tuple[str, ...], batches: tuple[int, ...], dtype
                 continue
             load_s = time.perf_counter() - started
             for batch in batches:
-                row = {"engine": engine, "dtype": dtype, "load_s": load_s,
+                row: dict[str, Any] = {"engine": engine, "dtype": dtype, "load_s": load_s,
                        **time_forward(run, batch, size, seconds, device)}
                 rows.append(row)
                 log(f"  {engine:12s} {dtype:9s} batch {batch:3d}: {row['crops_per_s']:7.1f} crops/s "

@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from models import LoadedModel, create_model
-from service.core.decode import open_image
+from service.core.decode import SizeLimits, open_image
 from service.core.embedding import EmbedOptions, ImageJob, decode_job, decode_reduction, run_chunks
 from service.core.policies import make_policy
 
-LIMITS = {"max_pixels": 50_000_000, "max_side": 20_000}
+LIMITS: SizeLimits = {"max_pixels": 50_000_000, "max_side": 20_000}
 
 
 def embedding(model: LoadedModel, job: ImageJob) -> np.ndarray:

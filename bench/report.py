@@ -43,7 +43,7 @@ def medians(rows: list[dict[str, Any]]) -> dict[tuple[str, int, int], dict[str, 
                 merged[f"prom_{field}"] = statistics.median(r["prom"][field] for r in group)
             merged["prom_p50_bucket_ms"] = group[0]["prom"]["p50_bucket_ms"]
             merged["mean_batch_crops"] = statistics.median(r["prom"]["mean_batch_crops"] for r in group)
-            stages = defaultdict(float)
+            stages: defaultdict[str, float] = defaultdict(float)
             for r in group:
                 for stage, v in r["prom"]["stages"].items():
                     stages[stage] += v["sum_s"]

@@ -173,7 +173,10 @@ def soak(url: str, pid: int | None, minutes: float, rate: float, bad_fraction: f
     def client() -> httpx.Client:
         if not hasattr(local, "client"):
             local.client = httpx.Client(base_url=url, timeout=300)
-        return local.client  # type: ignore[no-any-return]
+        return local.client
+
+    def send_one(kwargs: dict, expected: str | None) -> None:
+        send(client(), tally, kwargs, expected)  # client() here: each worker thread keeps its own
 
     sent = 0
     with ThreadPoolExecutor(max_workers=64) as pool:
@@ -183,10 +186,10 @@ def soak(url: str, pid: int | None, minutes: float, rate: float, bad_fraction: f
             time.sleep(max(0.0, next_at - time.monotonic()))
             if rng.random() < bad_fraction:
                 expected, kwargs = rng.choice(bad)
-                pool.submit(lambda k=kwargs, e=expected: send(client(), tally, k, e))
+                pool.submit(send_one, kwargs, expected)
             else:
                 _, kwargs = good_request(rng, pics)
-                pool.submit(lambda k=kwargs: send(client(), tally, k, None))
+                pool.submit(send_one, kwargs, None)
             sent += 1
             next_at += rng.expovariate(rate)
     stop.set()

@@ -21,10 +21,14 @@ import io
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-LIMITS = {"max_pixels": 40_000_000, "max_side": 12_000}  # the service's defaults
+if TYPE_CHECKING:
+    from service.core.decode import SizeLimits
+
+LIMITS: SizeLimits = {"max_pixels": 40_000_000, "max_side": 12_000}  # the service's defaults
 
 
 def seed_images() -> dict[str, bytes]:

@@ -36,7 +36,7 @@ class MettaAPI(ls.LitAPI):
             self.loaded = create_model(self.model_name, ModelOptions(threads=self.threads,
                                                                       random_weights=self.random_weights))
 
-    def decode_request(self, request):  # type: ignore[no-untyped-def]  # unannotated: LitServe passes the JSON
+    def decode_request(self, request):  # unannotated: LitServe passes the JSON
         samples, seed = int(request.get("samples", 8)), int(request.get("seed", 0))
         views = []
         for data in request["images"]:

@@ -16,7 +16,7 @@ import contextlib
 import io
 import warnings
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypedDict
 
 import numpy as np
 import pi_heif
@@ -145,6 +145,12 @@ _UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4
             8: Image.Transpose.ROTATE_90}
 # JPEG's DCT-domain scalings (libjpeg-turbo also has 3/8, 5/8, ..., Pillow's `draft` asks only for these).
 JPEG_REDUCTIONS = (8, 4, 2)
+
+
+class SizeLimits(TypedDict):
+    """The two size limits `open_image`, `decode_image` and `image_size` take, as one `**limits`."""
+    max_pixels: int
+    max_side: int
 
 
 def open_image(data: bytes, *, max_pixels: int, max_side: int, label: str = "image") -> OpenedImage:

@@ -46,7 +46,7 @@ def rss_mb(server: ServerProcess) -> float:
     return rss_bytes(server.pid) / 2**20
 
 
-def wait_for(condition, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+def wait_for(condition, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, f"not reached within {timeout} s: {what}"

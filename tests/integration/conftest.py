@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from typing import Any
 
 import httpx
 import numpy as np
@@ -21,8 +22,8 @@ from models import LoadedModel, ModelOptions, create_model
 from service.api.app import create_app
 from service.settings import Settings
 
-TEST_SETTINGS = {"model": "dummy", "mode": "eager", "threads": 1, "decode_workers": 2, "default_samples": 4,
-                 "default_policy": "crop_flip"}
+TEST_SETTINGS: dict[str, Any] = {"model": "dummy", "mode": "eager", "threads": 1, "decode_workers": 2,
+                                 "default_samples": 4, "default_policy": "crop_flip"}
 
 
 @pytest.fixture
@@ -50,7 +51,7 @@ async def serve(model: LoadedModel | None = None, **overrides: object) -> AsyncI
             yield client
 
 
-def engine_of(client: httpx.AsyncClient):  # type: ignore[no-untyped-def]
+def engine_of(client: httpx.AsyncClient):
     return client.app.state.metta.engine  # type: ignore[attr-defined]
 
 

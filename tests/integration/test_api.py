@@ -24,7 +24,7 @@ def files(*images: bytes) -> list:
     return [("images", (f"{i}.png", data, "image/png")) for i, data in enumerate(images)]
 
 
-def error_of(response) -> tuple[int, str, str]:  # type: ignore[no-untyped-def]
+def error_of(response) -> tuple[int, str, str]:
     body = response.json()
     return response.status_code, body["error"]["type"], body["error"]["message"]
 
@@ -223,7 +223,7 @@ async def test_streamed_body_over_the_limit_is_cut_off() -> None:
         assert error_of(reply)[:2] == (413, "payload_too_large")
 
 
-async def test_api_keys(tmp_path) -> None:  # type: ignore[no-untyped-def]
+async def test_api_keys(tmp_path) -> None:
     keys = tmp_path / "keys"
     keys.write_text("# one key per line\nsecret-one\nsecret-two\n")
     async with serve(api_keys_file=keys) as client:

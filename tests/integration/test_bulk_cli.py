@@ -15,13 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-import service.bulk.dataset
 import service.bulk.local
 from models import ModelOptions, create_model
 from service.bulk.lock import output_lock
 from service.cli import main
 from service.core.decode import decode_image
-from service.core.embedding import embed
+from service.core.embedding import embed, embed_stream
 from service.core.policies import MultiscalePolicy
 
 DUMMY = ["--model", "dummy", "--mode", "eager"]
@@ -110,7 +109,7 @@ def test_exit_codes_for_nothing_found_nothing_embeddable_and_bad_usage(tmp_path,
 
 def test_ctrl_c_keeps_the_finished_rows_and_exits_130(tmp_path, monkeypatch, capsys) -> None:
     write_photos(tmp_path / "photos", 8)
-    real_stream = service.bulk.local.embed_stream
+    real_stream = embed_stream
 
     def interrupted(*args, **kwargs):
         for count, item in enumerate(real_stream(*args, **kwargs)):
@@ -220,16 +219,16 @@ def test_a_second_run_into_the_same_output_is_refused(tmp_path, capsys) -> None:
 def test_a_full_disk_ends_with_a_message_exit_1_and_counts_of_the_rows_written(tmp_path, monkeypatch,
                                                                                 capsys) -> None:
     write_photos(tmp_path / "photos", 7)
-    real_write = service.bulk.dataset.pq.write_table
+    real_write = pq.write_table
     parts = []
 
-    def fill_up(table, where, **kwargs):  # type: ignore[no-untyped-def]
+    def fill_up(table, where, **kwargs):
         parts.append(table.num_rows)
         if len(parts) > 2:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_write(table, where, **kwargs)
 
-    monkeypatch.setattr(service.bulk.dataset.pq, "write_table", fill_up)
+    monkeypatch.setattr(pq, "write_table", fill_up)
     out = tmp_path / "out.parquet"
     assert metta(str(tmp_path / "photos"), "--out", str(out), "--part-rows", "2", *DUMMY) == 1
     captured = capsys.readouterr()

@@ -44,7 +44,7 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def error_of(response) -> tuple[int, str, str]:  # type: ignore[no-untyped-def]
+def error_of(response) -> tuple[int, str, str]:
     body = response.json()
     return response.status_code, body["error"]["type"], body["error"]["message"]
 
@@ -147,7 +147,7 @@ async def test_ten_crop_classifies_like_the_library_and_caps_auto_s(dummy_with_h
     assert auto["data"] == fixed["data"]
 
 
-async def test_a_model_without_head_answers_no_classifier_and_auth_applies(tmp_path) -> None:  # type: ignore[no-untyped-def]
+async def test_a_model_without_head_answers_no_classifier_and_auth_applies(tmp_path) -> None:
     image = b64(png_bytes(0))
     async with serve() as client:  # the plain dummy: no head
         status, kind, message = error_of(await client.post("/v1/classify", json={"images": [image]}))

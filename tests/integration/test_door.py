@@ -27,8 +27,8 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def rejected(client, reason: str) -> float:  # type: ignore[no-untyped-def]
-    return client.app.state.metta.metrics.rejected.labels(reason)._value.get()  # type: ignore[no-any-return]
+def rejected(client, reason: str) -> float:
+    return client.app.state.metta.metrics.rejected.labels(reason)._value.get()
 
 
 @pytest.fixture
@@ -148,7 +148,7 @@ async def test_no_redirect_built_from_the_host_header() -> None:
         assert wrong.status_code == 405 and wrong.json()["error"]["type"] == "method_not_allowed"
 
 
-async def _call(app, method: str, path: str, headers: list[tuple[bytes, bytes]],  # type: ignore[no-untyped-def]
+async def _call(app, method: str, path: str, headers: list[tuple[bytes, bytes]],
                 chunks: list[bytes], then_disconnect: bool, hold: asyncio.Event | None = None) -> list[dict]:
     """One raw ASGI request: the body in `chunks`, then (optionally) the client vanishes."""
     sent: list[dict] = []

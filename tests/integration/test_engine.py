@@ -18,7 +18,7 @@ def body(seed: int, samples: int = 4, images: int = 1) -> dict:
             "samples": samples, "seed": 7}
 
 
-async def wait_until(condition, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+async def wait_until(condition, timeout: float = 10.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not condition():
         assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"

@@ -17,7 +17,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
-from service.metrics import REJECT_REASONS
+from service.core.errors import REJECT_REASONS
 from tests.integration.conftest import ControlledModel, png_bytes, running_server
 
 LIMITS = {"header_timeout_s": 1.0, "body_timeout_s": 1.0, "max_header_bytes": 8192, "max_headers": 50,
@@ -153,7 +153,7 @@ def chunked(body: bytes, trailers: bytes) -> bytes:
     pytest.param(lambda: [b"".join(b"x-t%d: 1\r\n" % i for i in range(200)) + b"\r\n"], id="many-trailers"),
     pytest.param(lambda: [b"x-t%d: %s\r\n" % (i, b"a" * 1000) for i in range(100_000)], id="100-MB-of-trailers"),
 ])
-def test_trailers_are_held_to_the_header_limits(served: Served, trailers) -> None:  # type: ignore[no-untyped-def]
+def test_trailers_are_held_to_the_header_limits(served: Served, trailers) -> None:
     """Trailer fields after a chunked body: 431 within the header limits, counted once (they reached the
     parser's header callback unbounded: 51 MB in 0.05 s, no refusal)."""
     body = json.dumps({"images": [GOOD], "samples": 1}).encode()

@@ -15,20 +15,21 @@ import io
 import json
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
 
 import httpx
 import pytest
 from PIL import Image
 
-from service.metrics import REJECT_REASONS
+from service.core.errors import REJECT_REASONS
 from tests.integration.conftest import ControlledModel, png_bytes, running_server, serve
 
 pytestmark = pytest.mark.anyio
 GOOD = base64.b64encode(png_bytes(0)).decode()
 NOT_AN_IMAGE = base64.b64encode(b"this is not an image at all").decode()
 
-Send = Callable[[httpx.AsyncClient], Awaitable[httpx.Response]]
+Send = Callable[[httpx.AsyncClient], Coroutine[Any, Any, httpx.Response]]
 
 
 def counts(client: httpx.AsyncClient) -> dict[str, float]:
@@ -191,14 +192,14 @@ RAW_REFUSALS = [
 
 
 @pytest.fixture(scope="module")
-def real_server():  # type: ignore[no-untyped-def]
+def real_server():
     with running_server(max_headers=20, header_timeout_s=0.5, max_header_bytes=8192, max_body_bytes=300_000) as (
             address, app, _):
         yield address, app
 
 
 @pytest.mark.parametrize(("steps", "status", "reason"), RAW_REFUSALS)
-def test_a_refusal_on_the_wire_is_read_in_full_and_counted_once(real_server, steps: list[bytes | float],  # type: ignore[no-untyped-def]
+def test_a_refusal_on_the_wire_is_read_in_full_and_counted_once(real_server, steps: list[bytes | float],
                                                                 status: int, reason: str) -> None:
     address, app = real_server
     metrics = app.state.metta.metrics

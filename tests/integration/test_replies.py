@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+from pydantic import BaseModel
 
 from models import LoadedModel
 from service.api.schemas import ClassifyResponse, EmbeddingsResponse
@@ -14,12 +15,12 @@ from tests.integration.test_classify import b64, dummy_with_head  # noqa: F401  
 pytestmark = pytest.mark.anyio
 
 
-def record_serialising_threads(monkeypatch: pytest.MonkeyPatch, reply_type: type) -> list[threading.Thread]:
+def record_serialising_threads(monkeypatch: pytest.MonkeyPatch, reply_type: type[BaseModel]) -> list[threading.Thread]:
     """The threads `reply_type`'s JSON is written in (the reply's slow part: 64 images × 1,000 labels)."""
     threads: list[threading.Thread] = []
     original = reply_type.model_dump_json
 
-    def recorded(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def recorded(self, *args, **kwargs):
         threads.append(threading.current_thread())
         return original(self, *args, **kwargs)
 

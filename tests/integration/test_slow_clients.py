@@ -8,14 +8,16 @@ import json
 import socket
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
 
-from service.metrics import REJECT_REASONS, Metrics
+from service.core.errors import REJECT_REASONS
+from service.metrics import Metrics
 from tests.integration.conftest import running_server
 
-LIMITS = {"header_timeout_s": 1.0, "body_timeout_s": 1.0, "max_header_bytes": 8192, "max_headers": 50}
+LIMITS: dict[str, Any] = {"header_timeout_s": 1.0, "body_timeout_s": 1.0, "max_header_bytes": 8192, "max_headers": 50}
 
 
 @pytest.fixture(scope="module")

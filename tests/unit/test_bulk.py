@@ -74,6 +74,7 @@ def test_embed_stream_gives_each_images_own_views_statistics_and_pulls_lazily(du
     for key, result in embed_stream(dummy, jobs(), max_batch_crops=max_batch_crops):
         yielded.append(key)
         np.testing.assert_allclose(result.embedding, expected[key].mean(axis=0), rtol=1e-5, atol=1e-5)
+        assert result.variance is not None
         np.testing.assert_allclose(result.variance, expected[key].var(axis=0, ddof=1), rtol=1e-4, atol=1e-6)
     assert yielded == list(range(7))
 

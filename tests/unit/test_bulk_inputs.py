@@ -11,7 +11,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-import service.bulk.dataset
 from service.bulk.dataset import Dataset, OutputError, Row, RunSettings
 from service.bulk.files import NOT_A_FILE, TOO_LARGE, find_images, read_input
 from service.bulk.lock import OutputBusy, lock_path, output_lock
@@ -128,17 +127,17 @@ def test_a_full_disk_is_an_output_error_that_keeps_the_written_parts(tmp_path: P
     out = tmp_path / "out.parquet"
     dataset = Dataset(out, RUN, 4, part_rows=2)
     dataset.open(overwrite=False)
-    real_write = service.bulk.dataset.pq.write_table
+    real_write = pq.write_table
     writes = []
 
-    def write_until_full(table, where, **kwargs):  # type: ignore[no-untyped-def]
+    def write_until_full(table, where, **kwargs):
         writes.append(table.num_rows)
         if len(writes) > 1:
             where.write(b"PAR1 half")
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_write(table, where, **kwargs)
 
-    monkeypatch.setattr(service.bulk.dataset.pq, "write_table", write_until_full)
+    monkeypatch.setattr(pq, "write_table", write_until_full)
     dataset.add(row("/x/a.jpg"))
     dataset.add(row("/x/b.jpg"))
     dataset.add(row("/x/c.jpg"))

@@ -55,6 +55,7 @@ def test_embed_splits_to_the_servers_limits_and_returns_arrays_in_order(tmp_path
     assert result.embeddings.dtype == np.float32 and result.embeddings.shape == (5, 2)
     assert result.embeddings[:, 0].tolist() == [ord(c) for c in "xaayz"]  # input order, paths read
     assert len(set(result.embeddings[:, 1].tolist())) == 1  # one seed for every part of a split call
+    assert result.variances is not None and result.dispersions is not None
     assert result.variances.shape == (5, 2) and result.dispersions.tolist() == [0.1] * 5
 
 

@@ -14,10 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from service.core.decode import decode_image
+from service.core.decode import SizeLimits, decode_image
 from service.core.errors import InvalidImage, PayloadTooLarge
 
-LIMITS = {"max_pixels": 40_000_000, "max_side": 12_000}
+LIMITS: SizeLimits = {"max_pixels": 40_000_000, "max_side": 12_000}
 
 
 def encode(image: Image.Image, fmt: str, **params: object) -> bytes:
@@ -207,10 +207,14 @@ def test_device_jpeg_decode_gives_the_same_pixels(name: str, monkeypatch: pytest
     """The path the service takes on CUDA (torchvision's decoder on the device), run on the CPU here."""
     import service.core.decode
 
-    taken = []
+    taken: list[torch.device] = []
     real = service.core.decode._decode_jpeg_on
-    monkeypatch.setattr(service.core.decode, "_decode_jpeg_on",
-                        lambda data, device: taken.append(device) or real(data, device))
+
+    def recorded(data: bytes, device: torch.device) -> torch.Tensor | None:
+        taken.append(device)
+        return real(data, device)
+
+    monkeypatch.setattr(service.core.decode, "_decode_jpeg_on", recorded)
     data = _jpegs()[name]
     on_device = decode_image(data, **LIMITS, jpeg_device=torch.device("cpu"))
     assert taken == [torch.device("cpu")]

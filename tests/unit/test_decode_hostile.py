@@ -70,7 +70,8 @@ def test_ordinary_progressive_jpegs_and_finely_split_pngs_pass() -> None:
 
 def _split_idat(png: bytes, size: int) -> bytes:
     """The same PNG with its image data re-cut into IDAT chunks of `size` bytes."""
-    offset, head, idat, tail = 8, [png[:8]], b"", []
+    offset, head, idat = 8, [png[:8]], b""
+    tail: list[bytes] = []
     while offset < len(png):
         length, kind = struct.unpack_from(">I4s", png, offset)
         chunk = png[offset : offset + 12 + length]
@@ -96,8 +97,12 @@ def test_an_orientation_tagged_jpeg_never_takes_the_device_decoder(orientation: 
     """torchvision's CUDA decoder ignores EXIF orientation: such files must take the Pillow path."""
     taken: list[torch.device] = []
     real = service.core.decode._decode_jpeg_on
-    monkeypatch.setattr(service.core.decode, "_decode_jpeg_on",
-                        lambda data, device: taken.append(device) or real(data, device))
+
+    def recorded(data: bytes, device: torch.device) -> torch.Tensor | None:
+        taken.append(device)
+        return real(data, device)
+
+    monkeypatch.setattr(service.core.decode, "_decode_jpeg_on", recorded)
     data = _rotated_jpeg(orientation)
     assert not device_decodable(Image.open(io.BytesIO(data)), icc_to_srgb=True)
     decoded = decode_image(data, **LIMITS, jpeg_device=torch.device("cpu"))
@@ -211,7 +216,7 @@ def test_amplifiers_of_each_format_are_refused_before_pillow_opens_them(make: Ca
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     hostile_file = make()
     opened: list[object] = []
-    monkeypatch.setattr(service.core.decode.Image, "open", lambda *a, **k: opened.append(a))
+    monkeypatch.setattr(Image, "open", lambda *a, **k: opened.append(a))
     started = time.perf_counter()
     with pytest.raises(InvalidImage, match=message):
         decode_image(hostile_file, **LIMITS)

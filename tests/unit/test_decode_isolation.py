@@ -6,6 +6,7 @@ import asyncio
 import os
 import threading
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -28,7 +29,7 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.fixture
-def isolation() -> IsolatedDecoder:
+def isolation() -> Iterator[IsolatedDecoder]:
     decoder = IsolatedDecoder(budget_s=0.2)
     yield decoder
     decoder.close()

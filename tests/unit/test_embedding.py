@@ -8,7 +8,8 @@ import torch
 
 from models import ModelError, ModelOptions, create_model
 from service.core.embedding import EmbedOptions, ImageJob, embed
-from service.core.policies import CropFlipPolicy, PolicyError
+from service.core.options import PolicyError
+from service.core.policies import CropFlipPolicy
 from service.core.render import render_view
 
 
@@ -36,6 +37,7 @@ def test_mean_and_variance_are_numpys_over_the_same_views(dummy, max_batch_crops
     views = np.stack([dummy.embed_views(render_view(job.source, v, dummy.spec.preprocess)[None])[0].numpy()
                       for v in job.render_views]).astype(np.float64)
     np.testing.assert_allclose(result.embeddings[0], views.mean(axis=0), rtol=1e-5, atol=1e-5)
+    assert result.variances is not None
     np.testing.assert_allclose(result.variances[0], views.var(axis=0, ddof=1), rtol=1e-4, atol=1e-6)
 
 
@@ -46,6 +48,7 @@ def test_view_normalize_and_normalize(dummy) -> None:
     assert np.isclose(np.linalg.norm(per_view.embeddings[0]), 1.0, atol=1e-5)
     assert not np.allclose(plain.embeddings[0] / np.linalg.norm(plain.embeddings[0]), per_view.embeddings[0])
     # Variance over unit vectors is small compared to the raw embedding's.
+    assert per_view.variances is not None and plain.variances is not None
     assert per_view.variances[0].sum() < plain.variances[0].sum()
 
 

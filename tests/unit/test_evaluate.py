@@ -164,8 +164,8 @@ def test_center_top1_matches_a_classic_pil_pipeline(sample_dir: Path) -> None:
     # The textbook pipeline: PIL Resize(shorter side 256, bicubic) → CenterCrop(224).
     crops = []
     for sample in samples:
-        with Image.open(sample.path) as image:
-            image = image.convert("RGB")
+        with Image.open(sample.path) as opened:
+            image = opened.convert("RGB")
             scale = 256 / min(image.size)
             image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BICUBIC)
             left, top = (image.width - 224) // 2, (image.height - 224) // 2

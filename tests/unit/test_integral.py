@@ -10,7 +10,7 @@ from tests.unit.test_scheduler import Clock, complete, jobs, scheduler
 
 
 @pytest.fixture(scope="module")
-def dummy():  # type: ignore[no-untyped-def]
+def dummy():
     return create_model("dummy")
 
 
@@ -28,7 +28,7 @@ def test_a_piecewise_constant_figure_integrates_exactly_and_the_open_piece_count
     assert integral.total() == pytest.approx(6.0 + 2.5)  # nothing more while the figure is 0
 
 
-def test_the_scheduler_figures_between_its_events(dummy) -> None:  # type: ignore[no-untyped-def]
+def test_the_scheduler_figures_between_its_events(dummy) -> None:
     clock = Clock()
     s = scheduler(clock, max_batch_crops=8, chunk_crops=8)
     crops = TimeIntegral(lambda: s.requested_crops, clock)

@@ -26,8 +26,8 @@ def central_crop(path: Path, pre: Preprocess, size: int | None = None) -> torch.
     """Classic pipeline: shorter side → resize_size, central input_size crop; uint8 (3, H, W).
     With `size`, that crop is then resized to size × size (a multiscale view)."""
     resample = Image.Resampling.BICUBIC if pre.interpolation == "bicubic" else Image.Resampling.BILINEAR
-    with Image.open(path) as image:
-        image = image.convert("RGB")
+    with Image.open(path) as opened:
+        image = opened.convert("RGB")
     width, height = image.size
     scale = pre.resize_size / min(width, height)
     image = image.resize((max(pre.resize_size, round(width * scale)), max(pre.resize_size, round(height * scale))),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ def empty_hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return hub
 
 
-def random_resnet18() -> nn.Module:
+def random_resnet18() -> torchvision.models.ResNet:
     torch.manual_seed(0)
     return torchvision.models.resnet18().eval()
 
@@ -138,7 +139,7 @@ def test_timm_names_load_from_a_file(tmp_path: Path) -> None:
     import timm
 
     torch.manual_seed(0)
-    module = timm.create_model("resnet18", pretrained=False).eval()
+    module: Any = timm.create_model("resnet18", pretrained=False).eval()  # forward_head: timm's, untyped
     save_file(module.state_dict(), str(tmp_path / "r18.safetensors"))
     model = create_model("timm:resnet18", ModelOptions(mode="eager", weights=str(tmp_path / "r18.safetensors")))
     assert model.name == "timm:resnet18" and model.dim == 512

@@ -39,7 +39,7 @@ def _check_valid(options: EmbedOptionsIn) -> None:
 @given(st.dictionaries(st.sampled_from(OPTION_NAMES) | st.text(max_size=12), EDGY_TEXT, max_size=6))
 def test_any_form_fields_give_valid_options_or_invalid_option(fields: dict[str, str]) -> None:
     try:
-        options = parse_form_options(fields)
+        options: EmbedOptionsIn = parse_form_options(fields)
     except InvalidOption as exc:
         assert exc.status == 422 and exc.message
         return
@@ -50,7 +50,7 @@ def test_any_form_fields_give_valid_options_or_invalid_option(fields: dict[str, 
 @given(st.dictionaries(st.sampled_from(OPTION_NAMES) | st.text(max_size=12), JSON_VALUES, max_size=6))
 def test_any_json_values_give_valid_options_or_invalid_option(data: dict[str, object]) -> None:
     try:
-        options = validate_options(data)
+        options: EmbedOptionsIn = validate_options(data)
     except InvalidOption as exc:
         assert exc.status == 422 and exc.message
         return
@@ -102,7 +102,7 @@ def test_json_options_are_strictly_typed(data: dict[str, object], words: str) ->
 
 
 def test_max_seed_and_form_spellings_are_accepted() -> None:
-    options = parse_form_options({"seed": f" {MAX_SEED} ", "samples": "+3", "normalize": "TRUE",
+    options: EmbedOptionsIn = parse_form_options({"seed": f" {MAX_SEED} ", "samples": "+3", "normalize": "TRUE",
                                   "view_normalize": "0", "policy": "multiscale", "encoding": "base64"})
     assert (options.seed, options.samples, options.normalize, options.view_normalize) == (MAX_SEED, 3, True, False)
 

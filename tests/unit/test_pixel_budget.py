@@ -7,7 +7,7 @@ import io
 import pytest
 from PIL import Image
 
-from service.core.decode import decode_image, image_size
+from service.core.decode import SizeLimits, decode_image, image_size
 from service.core.errors import InvalidImage, Overloaded, PayloadTooLarge
 from service.engine.budget import Budget
 
@@ -23,7 +23,8 @@ def test_the_header_size_is_the_decoded_size_and_refused_alike(fmt: str) -> None
     data = encoded(300, 40, fmt)
     assert image_size(data, max_pixels=10**6, max_side=1000) == (300, 40)
     assert tuple(decode_image(data, max_pixels=10**6, max_side=1000).shape) == (3, 40, 300)
-    for limits in ({"max_pixels": 11_999, "max_side": 1000}, {"max_pixels": 10**6, "max_side": 299}):
+    too_small: list[SizeLimits] = [{"max_pixels": 11_999, "max_side": 1000}, {"max_pixels": 10**6, "max_side": 299}]
+    for limits in too_small:
         with pytest.raises(PayloadTooLarge):
             image_size(data, **limits)
         with pytest.raises(PayloadTooLarge):

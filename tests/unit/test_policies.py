@@ -12,11 +12,11 @@ from torchvision import transforms
 
 from models import Preprocess, create_model
 from service.core.embedding import embed
+from service.core.options import PolicyError
 from service.core.policies import (
     CenterPolicy,
     CropFlipPolicy,
     MultiscalePolicy,
-    PolicyError,
     TenCropPolicy,
     make_policy,
     plan_views,
@@ -118,7 +118,8 @@ def test_bad_input_raises_typed_errors(image: torch.Tensor, samples: int, messag
 
 
 def test_policy_factory_validates() -> None:
-    assert make_policy("multiscale", scales=(1.0, 0.5)).scales == (1.0, 0.5)
+    multiscale = make_policy("multiscale", scales=(1.0, 0.5))
+    assert isinstance(multiscale, MultiscalePolicy) and multiscale.scales == (1.0, 0.5)
     with pytest.raises(PolicyError, match=r"unknown policy .zoom.; choose one of center, crop_flip, multiscale, ten_"):
         make_policy("zoom")
     with pytest.raises(PolicyError, match="scale"):

@@ -43,6 +43,7 @@ def test_the_actor_adds_the_librarys_embeddings_and_says_which_images_it_refused
     library = embed(model, [decode_image(images[i], max_pixels=10**8, max_side=10**5) for i in (0, 3)],  # type: ignore[arg-type]
                     samples=3, policy="crop_flip", seed=5, return_variance=True)
     vectors = out.column("embedding").to_pylist()
+    assert library.variances is not None
     np.testing.assert_allclose([vectors[0], vectors[3]], library.embeddings, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose([out.column("variance").to_pylist()[i] for i in (0, 3)], library.variances,
                                rtol=1e-4, atol=1e-6)

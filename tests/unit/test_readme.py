@@ -49,13 +49,15 @@ def options_tables() -> dict[str, list[list[str]]]:
 def test_every_options_table_is_its_endpoints_schema() -> None:
     """Each option the schema takes is in its endpoint's table and nothing else is; a fixed default is the
     schema's (a default taken from a setting is named by the setting instead)."""
+    from pydantic import BaseModel
+
     from service.api.schemas import ClassifyOptionsIn, EmbedOptionsIn
 
     tables = options_tables()
-    schemas = {"Use it": EmbedOptionsIn, "Classify: `POST /v1/classify`": ClassifyOptionsIn}
+    schemas: dict[str, type[BaseModel]] = {"Use it": EmbedOptionsIn, "Classify: `POST /v1/classify`": ClassifyOptionsIn}
     assert set(tables) == set(schemas), "an options table the test does not know, or one is gone"
     for heading, schema in schemas.items():
-        documented = {}
+        documented: dict[str, str] = {}
         for cells in tables[heading]:
             names = [name.strip().strip("`") for name in cells[0].split(",")]
             defaults = cells[2].split(", ") if len(names) > 1 else [cells[2]]

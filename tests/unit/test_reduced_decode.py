@@ -20,7 +20,7 @@ from tests.unit.test_decode import LIMITS, encode
 
 
 @pytest.fixture(scope="module")
-def model():  # type: ignore[no-untyped-def]
+def model():
     return create_model("sleep:0")  # no weights, the default model's preprocessing (224 px views)
 
 
@@ -45,7 +45,7 @@ def options(policy: str, samples: int) -> EmbedOptions:
 
 @pytest.mark.parametrize("policy, samples, reduction", [("multiscale", 3, 4), ("center", 1, 4), ("crop_flip", 10, 2),
                                                          ("crop_flip", 32, 2)])
-def test_a_large_jpeg_is_decoded_at_the_scale_its_views_need(large_jpeg: bytes, model, policy: str,  # type: ignore[no-untyped-def]
+def test_a_large_jpeg_is_decoded_at_the_scale_its_views_need(large_jpeg: bytes, model, policy: str,
                                                               samples: int, reduction: int) -> None:
     opened = open_image(large_jpeg, **LIMITS)
     assert opened.size == (3000, 2250)
@@ -56,7 +56,7 @@ def test_a_large_jpeg_is_decoded_at_the_scale_its_views_need(large_jpeg: bytes, 
 
 
 @pytest.mark.parametrize("policy, samples", [("multiscale", 6), ("center", 1), ("crop_flip", 10)])
-def test_the_views_keep_the_full_decodes_geometry_and_nearly_its_pixels(large_jpeg: bytes, model,  # type: ignore[no-untyped-def]
+def test_the_views_keep_the_full_decodes_geometry_and_nearly_its_pixels(large_jpeg: bytes, model,
                                                                         policy: str, samples: int) -> None:
     full = ImageJob(open_image(large_jpeg, **LIMITS).decode(), options(policy, samples), model)
     opened = open_image(large_jpeg, **LIMITS)
@@ -71,7 +71,7 @@ def test_the_views_keep_the_full_decodes_geometry_and_nearly_its_pixels(large_jp
         assert (a - b).abs().mean() < 2.0  # levels of 255: the DCT-domain downscale is a slightly other filter
 
 
-def test_an_exif_rotated_jpeg_is_planned_upright_and_decoded_upright_at_a_reduced_scale(model) -> None:  # type: ignore[no-untyped-def]
+def test_an_exif_rotated_jpeg_is_planned_upright_and_decoded_upright_at_a_reduced_scale(model) -> None:
     upright = detailed(2250, 3000, seed=1)
     exif = Image.Exif()
     exif[0x0112] = 6
@@ -86,14 +86,14 @@ def test_an_exif_rotated_jpeg_is_planned_upright_and_decoded_upright_at_a_reduce
     assert (decoded.to(torch.float32) - plain.to(torch.float32)).abs().mean() < 4.0
 
 
-def test_small_photos_and_formats_without_a_reduced_decode_are_decoded_whole(large_jpeg: bytes, model) -> None:  # type: ignore[no-untyped-def]
+def test_small_photos_and_formats_without_a_reduced_decode_are_decoded_whole(large_jpeg: bytes, model) -> None:
     png = encode(Image.open(io.BytesIO(large_jpeg)), "PNG", compress_level=1)
     assert decode_reduction(open_image(png, **LIMITS), options("multiscale", 3), model) == 1
     small = encode(detailed(500, 375), "JPEG", quality=90)
     assert decode_reduction(open_image(small, **LIMITS), options("multiscale", 3), model) == 1
 
 
-def test_the_decode_scaling_is_part_of_the_fingerprint(model) -> None:  # type: ignore[no-untyped-def]
+def test_the_decode_scaling_is_part_of_the_fingerprint(model) -> None:
     spec = model.spec
     assert fingerprint("sha", spec, "float32", "eager", scaling="full") != fingerprint("sha", spec, "float32", "eager")
     model.set_decoding(jpeg_decoder="pillow", color="icc-srgb", scaling="full")

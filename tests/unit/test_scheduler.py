@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import statistics
+from typing import Any
 
 import numpy as np
 import pytest
@@ -25,11 +26,11 @@ class Clock:
 
 
 @pytest.fixture(scope="module")
-def model():  # type: ignore[no-untyped-def]
+def model():
     return create_model("dummy")
 
 
-def jobs(model, samples: int, images: int = 1, seed: int = 0) -> list[ImageJob]:  # type: ignore[no-untyped-def]
+def jobs(model, samples: int, images: int = 1, seed: int = 0) -> list[ImageJob]:
     image = torch.zeros(3, 90, 120, dtype=torch.uint8)
     options = EmbedOptions(samples, make_policy("crop_flip"), seed)
     return [ImageJob(image, options, model) for _ in range(images)]
@@ -40,14 +41,14 @@ def scheduler(clock: Clock | None = None, **config: float) -> Scheduler:
     return Scheduler(BatchingConfig(**settings), clock or Clock())  # type: ignore[arg-type]
 
 
-def complete(scheduler: Scheduler, batch, seconds: float = 0.08):  # type: ignore[no-untyped-def]
+def complete(scheduler: Scheduler, batch, seconds: float = 0.08):
     """What the worker does after a forward: add (fake) embeddings, then report the batch done."""
     for chunk in batch.chunks:
         chunk.job.add(np.ones((len(chunk.views), chunk.job.stats.mean.shape[0])))
     return scheduler.finished(batch, (0.0, seconds, 0.0), batch.crops)
 
 
-def test_batches_are_formed_round_robin_in_chunks(model) -> None:  # type: ignore[no-untyped-def]
+def test_batches_are_formed_round_robin_in_chunks(model) -> None:
     s = scheduler()
     big = s.admit(jobs(model, 32))
     small = s.admit(jobs(model, 4))
@@ -63,14 +64,14 @@ def test_batches_are_formed_round_robin_in_chunks(model) -> None:  # type: ignor
     assert finished == [big] and s.pending_requests == 0 and s.queued_crops == 0
 
 
-def test_a_lone_request_fills_the_whole_batch(model) -> None:  # type: ignore[no-untyped-def]
+def test_a_lone_request_fills_the_whole_batch(model) -> None:
     s = scheduler()
     s.admit(jobs(model, 32))
     batch = s.next_batch()
     assert batch is not None and batch.crops == 8
 
 
-def test_admission_is_bounded_in_crops_and_says_when_to_retry(model) -> None:  # type: ignore[no-untyped-def]
+def test_admission_is_bounded_in_crops_and_says_when_to_retry(model) -> None:
     s = scheduler(max_queue_crops=16)
     s.admit(jobs(model, 8, images=2))
     with pytest.raises(Overloaded) as refused:
@@ -79,7 +80,7 @@ def test_admission_is_bounded_in_crops_and_says_when_to_retry(model) -> None:  #
     assert s.pending_requests == 1
 
 
-def test_an_abandoned_request_frees_its_room_at_once(model) -> None:  # type: ignore[no-untyped-def]
+def test_an_abandoned_request_frees_its_room_at_once(model) -> None:
     s = scheduler(max_queue_crops=16)
     first = s.admit(jobs(model, 16))
     with pytest.raises(Overloaded):
@@ -92,7 +93,7 @@ def test_an_abandoned_request_frees_its_room_at_once(model) -> None:  # type: ig
     assert batch is not None and batch.members == [second]
 
 
-def test_an_abandoned_request_in_a_batch_in_flight_is_not_reported_done(model) -> None:  # type: ignore[no-untyped-def]
+def test_an_abandoned_request_in_a_batch_in_flight_is_not_reported_done(model) -> None:
     s = scheduler()
     ticket = s.admit(jobs(model, 4))
     batch = s.next_batch()
@@ -100,7 +101,7 @@ def test_an_abandoned_request_in_a_batch_in_flight_is_not_reported_done(model) -
     assert complete(s, batch) == []
 
 
-def test_deadlines_expire_by_the_clock(model) -> None:  # type: ignore[no-untyped-def]
+def test_deadlines_expire_by_the_clock(model) -> None:
     clock = Clock()
     s = scheduler(clock)
     late = s.admit(jobs(model, 4), timeout_s=1.0)
@@ -113,7 +114,7 @@ def test_deadlines_expire_by_the_clock(model) -> None:  # type: ignore[no-untype
     assert batch is not None and batch.members == [patient]
 
 
-def test_admission_refuses_what_would_miss_its_deadline_counting_round_robin_turns(model) -> None:  # type: ignore[no-untyped-def]
+def test_admission_refuses_what_would_miss_its_deadline_counting_round_robin_turns(model) -> None:
     s = scheduler(max_queue_crops=1024)
     s.seconds_per_crop = 0.01
     s.admit(jobs(model, 250))  # 2.5 s of work ahead
@@ -123,7 +124,7 @@ def test_admission_refuses_what_would_miss_its_deadline_counting_round_robin_tur
         s.admit(jobs(model, 90), timeout_s=1.0)
 
 
-def test_a_deadline_too_short_even_on_an_idle_server_is_the_requests_own_fault(model) -> None:  # type: ignore[no-untyped-def]
+def test_a_deadline_too_short_even_on_an_idle_server_is_the_requests_own_fault(model) -> None:
     """No retry can meet it, so it is not a 429 "retry later" but a 422 naming the deadline."""
     s = scheduler(max_queue_crops=1024)
     s.seconds_per_crop = 0.01
@@ -134,7 +135,7 @@ def test_a_deadline_too_short_even_on_an_idle_server_is_the_requests_own_fault(m
     s.admit(jobs(model, 90), timeout_s=1.0)  # alone it fits
 
 
-def test_an_auto_request_is_admitted_with_the_margin_its_s_was_given_with(model) -> None:  # type: ignore[no-untyped-def]
+def test_an_auto_request_is_admitted_with_the_margin_its_s_was_given_with(model) -> None:
     """Between the S given and the admission its images are planned and the queue may grow: it is admitted
     only if its wait still fits 0.6 of its deadline, where a fixed-S request may use all of it."""
     s = scheduler(max_queue_crops=4096, chunk_crops=8)
@@ -147,7 +148,7 @@ def test_an_auto_request_is_admitted_with_the_margin_its_s_was_given_with(model)
     s.admit(jobs(model, 4), timeout_s=0.3, requested_crops=32)  # 4 + 8 + 4 crops: 0.16 s ≤ 0.6 × 0.3 s
 
 
-def test_the_pace_is_learned_from_finished_batches(model) -> None:  # type: ignore[no-untyped-def]
+def test_the_pace_is_learned_from_finished_batches(model) -> None:
     s = scheduler()
     assert s.wait_estimate_s() == 0.0
     s.admit(jobs(model, 8))
@@ -157,19 +158,23 @@ def test_the_pace_is_learned_from_finished_batches(model) -> None:  # type: igno
     assert s.wait_estimate_s() == pytest.approx(0.16)
 
 
-def test_the_pace_counts_only_the_crops_a_stage_handled(model) -> None:  # type: ignore[no-untyped-def]
+def test_the_pace_counts_only_the_crops_a_stage_handled(model) -> None:
     """Abandoned after rendering: the render handled all 8 crops, the forward only the 4 still wanted. A batch
     nobody waits for any more teaches nothing (its render time is not one crop's cost)."""
     s = scheduler()
     s.admit(jobs(model, 8))
-    s.finished(s.next_batch(), (0.04, 0.04, 0.0), ran=4)
+    batch = s.next_batch()
+    assert batch is not None
+    s.finished(batch, (0.04, 0.04, 0.0), ran=4)
     assert s.seconds_per_crop == pytest.approx(0.01)  # the forward: 0.04 s for 4 crops
     s.admit(jobs(model, 8))
-    s.finished(s.next_batch(), (0.08, 0.0, 0.0), ran=0)
+    batch = s.next_batch()
+    assert batch is not None
+    s.finished(batch, (0.08, 0.0, 0.0), ran=0)
     assert s.seconds_per_crop == pytest.approx(0.01)
 
 
-def test_a_fuller_batch_is_waited_for_only_while_several_requests_are_queued(model) -> None:  # type: ignore[no-untyped-def]
+def test_a_fuller_batch_is_waited_for_only_while_several_requests_are_queued(model) -> None:
     clock = Clock()
     s = scheduler(clock, max_wait_ms=50.0)
     s.admit(jobs(model, 2))
@@ -182,14 +187,14 @@ def test_a_fuller_batch_is_waited_for_only_while_several_requests_are_queued(mod
     assert s.fill_wait_s() == 0.0  # a full batch is there
 
 
-def test_a_closed_scheduler_admits_nothing(model) -> None:  # type: ignore[no-untyped-def]
+def test_a_closed_scheduler_admits_nothing(model) -> None:
     s = scheduler()
     s.closed = True
     with pytest.raises(NotReady):
         s.admit(jobs(model, 1))
 
 
-def test_auto_samples_take_the_largest_s_that_fits(model) -> None:  # type: ignore[no-untyped-def]
+def test_auto_samples_take_the_largest_s_that_fits(model) -> None:
     s = scheduler(max_queue_crops=64)
     wide = SamplesRange(4, 32)
     assert s.auto_samples(1, wide) == 32
@@ -201,7 +206,7 @@ def test_auto_samples_take_the_largest_s_that_fits(model) -> None:  # type: igno
         s.auto_samples(1, wide)
 
 
-def test_auto_samples_shrink_to_meet_the_deadline(model) -> None:  # type: ignore[no-untyped-def]
+def test_auto_samples_shrink_to_meet_the_deadline(model) -> None:
     s = scheduler(max_queue_crops=4096, chunk_crops=8)
     s.seconds_per_crop = 0.01
     s.admit(jobs(model, 40))  # 0.4 s ahead in turns of 8
@@ -209,7 +214,7 @@ def test_auto_samples_shrink_to_meet_the_deadline(model) -> None:  # type: ignor
     assert s.auto_samples(1, SamplesRange(4, 32), timeout_s=1.0) == 24
 
 
-def test_auto_samples_judge_the_smallest_s_with_a_narrower_margin(model) -> None:  # type: ignore[no-untyped-def]
+def test_auto_samples_judge_the_smallest_s_with_a_narrower_margin(model) -> None:
     s = scheduler(max_queue_crops=4096, chunk_crops=8)
     s.seconds_per_crop = 0.01
     s.admit(jobs(model, 40))
@@ -219,7 +224,7 @@ def test_auto_samples_judge_the_smallest_s_with_a_narrower_margin(model) -> None
         s.auto_samples(1, SamplesRange(4, 32), timeout_s=0.19)  # 0.12 s > 0.6 × 0.19 s
 
 
-def test_auto_samples_shrink_as_the_queue_grows_without_a_deadline(model) -> None:  # type: ignore[no-untyped-def]
+def test_auto_samples_shrink_as_the_queue_grows_without_a_deadline(model) -> None:
     """No deadline at all: the wait target (8 batches of 8 = 64 crops here) is shared by the requests queued,
     so each new auto request gets a smaller S, down to samples_min, refused only when that does not fit."""
     s = scheduler(max_queue_crops=256)
@@ -239,7 +244,7 @@ def test_auto_samples_shrink_as_the_queue_grows_without_a_deadline(model) -> Non
     s.admit(jobs(model, 1))  # a fixed-S request is judged by the room alone, as before
 
 
-def test_requests_refused_lately_count_in_the_share_until_their_retry_after(model) -> None:  # type: ignore[no-untyped-def]
+def test_requests_refused_lately_count_in_the_share_until_their_retry_after(model) -> None:
     """A refused client comes back after its Retry-After: until then it still counts as demand, so the next
     arrival does not take the whole room that frees up."""
     clock = Clock()
@@ -258,7 +263,7 @@ def test_requests_refused_lately_count_in_the_share_until_their_retry_after(mode
     assert s.auto_samples(1, SamplesRange(4, 32)) == 32  # their Retry-After has passed
 
 
-def test_fixed_s_requests_are_not_shrunk_by_the_auto_share(model) -> None:  # type: ignore[no-untyped-def]
+def test_fixed_s_requests_are_not_shrunk_by_the_auto_share(model) -> None:
     s = scheduler(max_queue_crops=256)
     for _ in range(7):
         s.admit(jobs(model, 32))
@@ -267,7 +272,7 @@ def test_fixed_s_requests_are_not_shrunk_by_the_auto_share(model) -> None:  # ty
     assert len(s.admit(jobs(model, 32)).jobs[0].views) == 32
 
 
-def closed_loop(model, clients: int, seconds: float, *, pace_s: float | None = None,  # type: ignore[no-untyped-def]
+def closed_loop(model, clients: int, seconds: float, *, pace_s: float | None = None,
                 fixed: int | None = None, crops_per_s: float = 100.0, warmup_s: float = 5.0) -> tuple[list[int], int]:
     """Clients in a closed loop through the scheduler on a simulated clock: each sends one image (decoded in
     20 ms), waits for its reply, and sends the next at once (or `pace_s` after the last), after a refusal
@@ -278,14 +283,14 @@ def closed_loop(model, clients: int, seconds: float, *, pace_s: float | None = N
 
     clock = Clock()
     s = Scheduler(BatchingConfig(32, 16, 0.0, 256), clock)  # the CPU's batching, a 256-crop queue
-    events: list[tuple[float, int, str, object]] = []
+    events: list[tuple[float, int, str, Any]] = []
     order = itertools.count()
     owner: dict[int, tuple[int, float]] = {}
     served: list[int] = []
     refused = 0
     busy = False
 
-    def at(when: float, kind: str, what: object) -> None:
+    def at(when: float, kind: str, what: Any) -> None:
         heapq.heappush(events, (when, next(order), kind, what))
 
     for client in range(clients):
@@ -297,7 +302,7 @@ def closed_loop(model, clients: int, seconds: float, *, pace_s: float | None = N
         if kind == "send":
             at(clock.now + 0.02, "decoded", (what, clock.now))
         elif kind == "decoded":
-            client, sent = what  # type: ignore[misc]
+            client, sent = what
             try:
                 samples = fixed or s.auto_samples(1, SamplesRange(4, 32), 60.0)
                 ticket = s.admit(jobs(model, samples), timeout_s=60.0, requested_crops=None if fixed else 32)
@@ -307,7 +312,7 @@ def closed_loop(model, clients: int, seconds: float, *, pace_s: float | None = N
                 at(clock.now + float(refusal.headers["Retry-After"]), "send", client)
         else:
             busy = False
-            for ticket in complete(s, what, seconds=what.crops / crops_per_s):  # type: ignore[attr-defined]
+            for ticket in complete(s, what, seconds=what.crops / crops_per_s):
                 client, sent = owner.pop(ticket.id)
                 if clock.now >= start + warmup_s:
                     served.append(len(ticket.jobs[0].views))
@@ -318,7 +323,7 @@ def closed_loop(model, clients: int, seconds: float, *, pace_s: float | None = N
     return served, refused
 
 
-def test_auto_s_in_a_closed_loop_past_capacity_serves_more_at_a_fair_s(model) -> None:  # type: ignore[no-untyped-def]
+def test_auto_s_in_a_closed_loop_past_capacity_serves_more_at_a_fair_s(model) -> None:
     """32 clients without deadlines against a 256-crop queue: fixed S=32 leaves most of them refused; auto
     [4, 32] serves every client at about S=8, few refused. At half capacity (8 clients pacing themselves)
     every auto request runs at S=32."""
