@@ -217,8 +217,9 @@ def attack(name: str, flags: list[str], out: Path) -> dict[str, Any]:
         for client in clients:
             client.start()
         time.sleep(5.0)
-        before = tree_memory(server.process.pid).rss
-        peak = [before]
+        idle = tree_memory(server.process.pid)
+        before = idle.rss
+        peak, server_peak = [before], [idle.own_rss]
         attack_statuses: list[int] = []
         stop_attack = threading.Event()
         started = time.monotonic()
@@ -239,7 +240,9 @@ def attack(name: str, flags: list[str], out: Path) -> dict[str, Any]:
         for thread in attackers:
             thread.start()
         while any(t.is_alive() for t in attackers) and (seconds == 0.0 or time.monotonic() - started < seconds):
-            peak.append(tree_memory(server.process.pid).rss)
+            now = tree_memory(server.process.pid)
+            peak.append(now.rss)
+            server_peak.append(now.own_rss)
             time.sleep(0.25)
         stop_attack.set()
         for thread in attackers:
@@ -251,7 +254,8 @@ def attack(name: str, flags: list[str], out: Path) -> dict[str, Any]:
         for client in clients:
             client.join(timeout=120)
         time.sleep(max(0.0, ended + 5.0 - time.monotonic()))
-        after_5s = tree_memory(server.process.pid).rss
+        settled = tree_memory(server.process.pid)
+        after_5s = settled.rss
         tree = [server.process.pid, *descendants(server.process.pid)]
         cpu_start = _cpu_seconds(tree)
         time.sleep(15.0)
@@ -264,6 +268,9 @@ def attack(name: str, flags: list[str], out: Path) -> dict[str, Any]:
             "good_p95_s": round(float(np.percentile(during, 95)), 3) if during else None,
             "rss_before_mb": before // 2**20, "rss_peak_added_mb": (max(peak) - before) // 2**20,
             "rss_after_5s_added_mb": (after_5s - before) // 2**20,
+            # the server process alone (the rest is its decode children)
+            "server_rss_peak_added_mb": (max(server_peak) - idle.own_rss) // 2**20,
+            "server_rss_after_5s_added_mb": (settled.own_rss - idle.own_rss) // 2**20,
             "cpu_cores_15s_after": round(cpu, 3), "alive": server.process.poll() is None,
         }
     finally:

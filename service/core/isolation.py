@@ -224,20 +224,26 @@ def _serve() -> None:
         header = json.loads(requests.read(_LENGTH.unpack(length)[0]))
         data = requests.read(header["size"])
         reply: dict[str, object]
+        pixels: np.ndarray | None = None
+        opened = None
         try:
             opened = open_image(data, max_pixels=header["max_pixels"], max_side=header["max_side"],
                                 label=header["label"])
             pixels = opened.pixels(header["reduction"], icc_to_srgb=header["icc_to_srgb"])
+            reply = {"shape": list(pixels.shape)}
         except (InvalidImage, PayloadTooLarge) as exc:
-            reply, body = {"refusal": type(exc).__name__, "message": str(exc)}, b""
+            reply = {"refusal": type(exc).__name__, "message": str(exc)}
         except MemoryError:
-            reply, body = {"refusal": "PayloadTooLarge", "message": f"{header['label']} is too large to decode"}, b""
-        else:
-            reply, body = {"shape": list(pixels.shape)}, pixels.tobytes()
+            reply = {"refusal": "PayloadTooLarge", "message": f"{header['label']} is too large to decode"}
+        del data, opened  # the encoded bytes and the opened image: not held while the reply is written
         encoded = json.dumps(reply).encode()
         replies.write(_LENGTH.pack(len(encoded)) + encoded)
-        replies.write(body)
+        if pixels is not None:
+            replies.write(np.ascontiguousarray(pixels).data.cast("B"))  # no bytes copy of the pixels
         replies.flush()
+        # Nothing of this image is kept while the child waits for the next one (an idle child held two
+        # copies of its last image's pixels, 240 MB after a 40 MP one).
+        del pixels
 
 
 if __name__ == "__main__":

@@ -48,6 +48,21 @@ def test_isolated_pixels_are_the_threads_and_errors_keep_their_type(isolation: I
         decode_image(encode(Image.fromarray(gradient(300, 200)), "PNG")[:400], **LIMITS, isolation=isolation)
 
 
+def test_an_idle_child_holds_nothing_of_the_image_it_decoded(isolation: IsolatedDecoder) -> None:
+    """After replying, a child keeps no copy of the pixels or the file: it used to hold two copies of its last
+    image's pixels (240 MB after a 40 MP one) until its next request, per decode thread."""
+    from service.testing import rss_bytes
+
+    isolation.budget_s = 30.0
+    decode_image(encode(Image.fromarray(gradient()), "PNG"), **LIMITS, isolation=isolation)
+    [child] = isolation.pids()
+    idle = rss_bytes(child)
+    flat = encode(Image.new("RGB", (6_000, 4_000), (90, 120, 150)), "PNG")  # 24 MP: 72 MB of pixels
+    assert tuple(decode_image(flat, **LIMITS, isolation=isolation).shape) == (3, 4_000, 6_000)
+    assert isolation.pids() == [child]
+    assert rss_bytes(child) - idle < 30 * 2**20
+
+
 def test_a_decode_past_its_time_budget_is_killed_and_the_next_one_works(isolation: IsolatedDecoder) -> None:
     """A flat float32 TIFF of 40 MP takes ~1 s to decode; the budget is 0.2 s: its child is killed (no CPU
     spent after), 400 naming the budget, and the thread's next decode gets a fresh child."""
