@@ -3,7 +3,9 @@ and the exit code.
 
 Options are checked against the model and the limits the server applies (the `max_samples` setting, the
 policy's distinct views at the model's input size: `core.policies.check_samples`) before any file is
-read, so a bad option is one message and exit 2, never a bad mark on every image.
+read, so a bad option is one message and exit 2, never a bad mark on every image. With --server they are
+the server's own, from GET /v1/models: its max_samples, its model's input size, and the policy and S a
+request that names none gets there.
 
 Exit codes, the same for every output (.npy and .parquet):
   0    the run completed (also when everything was already there, or bad files were skipped)
@@ -22,8 +24,9 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -37,6 +40,7 @@ from service.settings import Settings
 
 if TYPE_CHECKING:
     from models import LoadedModel
+    from service.client import Limits
 
 OK, FAILED, USAGE, INTERRUPTED = 0, 1, 2, 130
 SERVER_CONNECT_TIMEOUT_S = 3.0  # a --server that does not answer within this fails the run at once
@@ -96,7 +100,6 @@ def dataset_command(args: argparse.Namespace) -> int:
         flags = [f"--{name.replace('_', '-')}" for name in _DATASET_ONLY if getattr(args, name) not in (None, False)]
         raise UsageError(f"{', '.join(flags)} need a dataset: --out OUT.parquet")
     settings = _settings(args)
-    policy, samples = _views(args, settings, max_samples=settings.max_samples, input_size=None)
     workers = args.workers or settings.decode_workers
     if workers < 1 or args.concurrency < 1 or (args.images_per_request or 1) < 1:
         raise UsageError("--workers, --concurrency and --images-per-request must be at least 1")
@@ -106,12 +109,13 @@ def dataset_command(args: argparse.Namespace) -> int:
         raise UsageError("--actors and --actor-threads must be at least 1")
     if not args.images and not args.list:
         raise UsageError("nothing to embed: name files, folders, globs or URIs, or --list FILE")
+    if args.ray is not None and args.server is not None:
+        raise UsageError("--ray and --server are two ways to run the job: choose one")
+    if args.server is not None:  # the options are checked against the server's own defaults and limits
+        return _remote(args, Path(args.out), workers)
+    policy, samples = _views(args, ViewDefaults.of(settings), input_size=None)  # before the model loads
     if args.ray is not None:
-        if args.server is not None:
-            raise UsageError("--ray and --server are two ways to run the job: choose one")
         return _ray(args, settings, Path(args.out), policy, samples)
-    if args.server is not None:
-        return _remote(args, Path(args.out), policy, samples, workers)
     return _local(args, settings, Path(args.out), policy, samples, workers)
 
 
@@ -123,19 +127,38 @@ def _settings(args: argparse.Namespace) -> Settings:
         raise UsageError("; ".join(f"--{e['loc'][0]}: {e['msg']}" for e in exc.errors())) from None
 
 
-def _views(args: argparse.Namespace, settings: Settings, *, max_samples: int,
-           input_size: int | None) -> tuple[str, int]:
-    """(policy, S) of this run, within the limits a server with these settings applies (UsageError if not)."""
+@dataclass(frozen=True)
+class ViewDefaults:
+    """What a request that names no policy or S gets, and the most S it may ask for: this machine's settings
+    for a local or Ray run, the server's own (GET /v1/models) for --server."""
+
+    policy: str
+    samples: int
+    max_samples: int
+
+    @classmethod
+    def of(cls, settings: Settings) -> ViewDefaults:
+        return cls(settings.default_policy, settings.default_samples, settings.max_samples)
+
+    @classmethod
+    def of_server(cls, card: dict[str, Any], limits: Limits) -> ViewDefaults:
+        """From the server's model card: its embeddings defaults, and its `max_samples`."""
+        embeddings = card["defaults"]["embeddings"]
+        return cls(str(embeddings["policy"]), int(embeddings["samples"]), limits.max_samples)
+
+
+def _views(args: argparse.Namespace, defaults: ViewDefaults, *, input_size: int | None) -> tuple[str, int]:
+    """(policy, S) of this run, within the limits the server applies (UsageError if not)."""
     from service.core.policies import check_samples
 
-    policy = args.policy or settings.default_policy
+    policy = args.policy or defaults.policy
     try:
         check_seed(args.seed)
     except PolicyError as exc:
         raise UsageError(f"--seed: {exc}") from None
     try:
-        samples = samples_for(policy, args.samples, settings.default_samples)
-        check_samples(policy, samples, max_samples=max_samples, input_size=input_size)
+        samples = samples_for(policy, args.samples, defaults.samples)
+        check_samples(policy, samples, max_samples=defaults.max_samples, input_size=input_size)
     except PolicyError as exc:
         raise UsageError(f"--samples: {exc}") from None
     if (args.variance or getattr(args, "dispersion", False)) and samples < 2:
@@ -159,7 +182,7 @@ def _local(args: argparse.Namespace, settings: Settings, out: Path, policy: str,
     from service.core.policies import make_policy
 
     model = _load_model(settings)
-    _views(args, settings, max_samples=settings.max_samples, input_size=model.spec.preprocess.input_size)
+    _views(args, ViewDefaults.of(settings), input_size=model.spec.preprocess.input_size)
     inputs = _inputs(args)
     options = EmbedOptions(samples, make_policy(policy), args.seed, return_variance=args.variance,
                            normalize=args.normalize, return_dispersion=args.dispersion)
@@ -182,7 +205,7 @@ def _load_model(settings: Settings) -> LoadedModel:
         raise UsageError(str(exc)) from None
 
 
-def _remote(args: argparse.Namespace, out: Path, policy: str, samples: int, workers: int) -> int:
+def _remote(args: argparse.Namespace, out: Path, workers: int) -> int:
     import httpx
 
     from service.bulk.remote import RemoteFailed, run_remote
@@ -211,9 +234,8 @@ def _remote(args: argparse.Namespace, out: Path, policy: str, samples: int, work
                 raise RemoteFailed(f"--server {args.server}: {exc}") from None
             if args.model is not None and args.model != card["name"]:
                 raise UsageError(f"--model {args.model}: the server at {args.server} serves {card['name']}")
-            limits = await client.limits()
-            _views(args, Settings(), max_samples=limits.max_samples,
-                   input_size=(card.get("preprocess") or {}).get("input_size"))
+            policy, samples = _views(args, ViewDefaults.of_server(card, await client.limits()),
+                                     input_size=(card.get("preprocess") or {}).get("input_size"))
             inputs = _inputs(args)
             run = RunSettings(card["name"], card["fingerprint"], policy, samples, args.seed, args.normalize,
                               args.variance, args.dispersion)
@@ -251,7 +273,7 @@ def _ray(args: argparse.Namespace, settings: Settings, out: Path, policy: str, s
                                                                settings.max_body_bytes),
                                  settings.batching(device.split(":")[0]).max_batch_crops)
         name, fingerprint, dim, input_size = raydata.describe_model(spec, placement)
-        _views(args, settings, max_samples=settings.max_samples, input_size=input_size)
+        _views(args, ViewDefaults.of(settings), input_size=input_size)
         inputs = _inputs(args, raydata.list_on_cluster)
         run = RunSettings(name, fingerprint, policy, samples, args.seed, args.normalize, args.variance,
                           args.dispersion)
@@ -306,9 +328,9 @@ def _array_command(args: argparse.Namespace) -> int:
     if not args.images:
         raise UsageError("name the image files to embed")
     settings = _settings(args)
-    policy, samples = _views(args, settings, max_samples=settings.max_samples, input_size=None)
+    policy, samples = _views(args, ViewDefaults.of(settings), input_size=None)
     model = _load_model(settings)
-    _views(args, settings, max_samples=settings.max_samples, input_size=model.spec.preprocess.input_size)
+    _views(args, ViewDefaults.of(settings), input_size=model.spec.preprocess.input_size)
     images = []
     for path in args.images:
         read = read_input(str(path), {}, settings.max_body_bytes)

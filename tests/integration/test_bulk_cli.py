@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import errno
+import http.client
 import io
 import json
 import os
 import socket
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +27,7 @@ from service.cli import main
 from service.core.decode import decode_image
 from service.core.embedding import embed, embed_stream
 from service.core.policies import MultiscalePolicy
+from tests.integration.conftest import running_server
 
 DUMMY = ["--model", "dummy", "--mode", "eager"]
 
@@ -245,3 +251,99 @@ def test_a_server_that_does_not_answer_fails_within_seconds_naming_it(tmp_path, 
     assert metta(str(tmp_path / "photos"), "--out", str(tmp_path / "out.parquet"), "--server", url) == 1
     assert time.monotonic() - started < 10
     assert f"--server {url}: nothing answers there" in capsys.readouterr().err
+
+
+def url_of(address: tuple[str, int]) -> str:
+    return f"http://{address[0]}:{address[1]}"
+
+
+def test_server_mode_checks_the_options_against_the_servers_limits_and_takes_its_defaults(tmp_path,
+                                                                                          capsys) -> None:
+    """One source for the limits: with --server, the server's max_samples and defaults, not this machine's
+    settings (here max_samples 128, the multiscale policy, S = 3)."""
+    write_photos(tmp_path / "photos", 2)
+    photos, above, defaults = str(tmp_path / "photos"), tmp_path / "above.parquet", tmp_path / "defaults.parquet"
+    with running_server(max_samples=256, default_samples=5, default_policy="crop_flip") as (address, _, _):
+        assert metta(photos, "--out", str(above), "--server", url_of(address), "--samples", "200") == 0
+        assert metta(photos, "--out", str(defaults), "--server", url_of(address)) == 0
+    assert pq.read_table(above).num_rows == 2 and pq.read_table(above).schema.metadata[b"metta.samples"] == b"200"
+    metadata = pq.read_table(defaults).schema.metadata
+    assert (metadata[b"metta.policy"], metadata[b"metta.samples"]) == (b"crop_flip", b"5")
+    capsys.readouterr()
+    with running_server(max_samples=4, classify_samples=4) as (address, _, _):
+        assert metta(photos, "--out", str(tmp_path / "small.parquet"), "--server", url_of(address),
+                     "--samples", "8") == 2
+    assert "metta embed: --samples: at most 4, got 8" in capsys.readouterr().err
+    assert not (tmp_path / "small.parquet").exists()
+
+
+@contextmanager
+def flaky_front(upstream: tuple[str, int], failures: list[str]) -> Iterator[tuple[str, dict[str, int]]]:
+    """A loopback HTTP server in front of `upstream` that fails the first POSTs, one per entry of `failures`
+    ("503": a 503 without Retry-After, so the client backs off; "drop": the connection closed with no reply),
+    and forwards every other request. Yields its URL and the counts of what it did."""
+    plan, lock = list(failures), threading.Lock()
+    counts = {"failed": 0, "forwarded": 0}
+
+    class Front(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            self.forward(b"")
+
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("content-length") or 0))
+            with lock:
+                failure = plan.pop(0) if plan else None
+                counts["failed" if failure else "forwarded"] += 1
+            if failure == "drop":
+                self.close_connection = True
+            elif failure == "503":
+                self.reply(503, [("content-type", "application/json")], b'{"error": {"code": "overloaded"}}')
+            else:
+                self.forward(body)
+
+        def forward(self, body: bytes) -> None:
+            connection = http.client.HTTPConnection(*upstream, timeout=60)
+            try:
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                connection.request(self.command, self.path, body or None, headers)
+                upstream_reply = connection.getresponse()
+                self.reply(upstream_reply.status, upstream_reply.getheaders(), upstream_reply.read())
+            finally:
+                connection.close()
+
+        def reply(self, status: int, headers: list[tuple[str, str]], payload: bytes) -> None:
+            self.send_response(status)
+            for name, value in headers:
+                if name.lower() not in ("connection", "content-length", "transfer-encoding", "date", "server"):
+                    self.send_header(name, value)
+            self.send_header("content-length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+    front = ThreadingHTTPServer(("127.0.0.1", 0), Front)
+    front.daemon_threads = True
+    thread = threading.Thread(target=front.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield url_of(("127.0.0.1", front.server_port)), counts
+    finally:
+        front.shutdown()
+        front.server_close()
+        thread.join(10)
+
+
+def test_a_flaky_server_is_retried_with_backoff_and_every_photo_lands_once(tmp_path, capsys) -> None:
+    photos = write_photos(tmp_path / "photos", 9)
+    out = tmp_path / "out.parquet"
+    with running_server() as (address, _, _), flaky_front(address, ["503", "drop", "503", "drop"]) as (url, counts):
+        assert metta(str(tmp_path / "photos"), "--out", str(out), "--server", url, "--samples", "2",
+                     "--images-per-request", "2", "--concurrency", "2") == 0
+    assert counts["failed"] == 4 and counts["forwarded"] == 5  # 9 photos, 2 a request
+    assert sorted(pq.read_table(out).column("path").to_pylist()) == sorted(str(p.resolve()) for p in photos)
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "9 embedded, 0 already present, 0 skipped as bad, 4 requests retried" in summary
