@@ -58,7 +58,7 @@ async def run_views(request: Request, state: ServiceState, images: list[bytes], 
         if left_s <= 0:
             raise DeadlineExceeded(f"decoding the images used the request's whole deadline ({views.timeout_s:g} s)")
         engine = state.engine
-        pending = engine.admit(jobs, left_s, requested_crops=None if auto is None else auto.high * len(jobs))
+        pending = engine.admit(jobs, left_s, auto=auto)
         try:
             results = await _wait_unless_disconnected(request, engine.result(pending, left_s))
         except asyncio.CancelledError:  # the server cancelled it (its shutdown grace ran out): no client left

@@ -107,6 +107,14 @@ class ImageJob:
             # One host→device copy per image (none when the JPEG was decoded there); views are made on the GPU.
             self.source = self.source.pin_memory().to(model.device, non_blocking=True)
 
+    def keep_first(self, samples: int) -> None:
+        """Keep only the first `samples` views (before any is handed out): the plan at that S, as plans are
+        prefix-stable. The working copy stays as cut for the longer plan."""
+        if self.handed_out:
+            raise RuntimeError("views already handed out")
+        del self.views[samples:]
+        del self.render_views[samples:]
+
     @property
     def pixels(self) -> int:
         """Pixels held by the working copy (what the service's `max_queue_pixels` budget counts)."""

@@ -183,13 +183,18 @@ class Engine:
         return await self.result(self.admit(jobs, timeout_s), timeout_s)
 
     def admit(self, jobs: Sequence[ImageJob], timeout_s: float | None = None, *,
-              requested_crops: int | None = None) -> Ticket:
+              auto: SamplesRange | None = None) -> Ticket:
         """Queue a request's images (on the event loop); raises Overloaded or NotReady at once.
-        `requested_crops`: what an auto-S request asked for before `auto_samples` gave it its S."""
+
+        `auto`: the range of an auto-S request, whose images were planned at the S `check_room` gave it
+        (`Scheduler.admit_auto`)."""
         loop = asyncio.get_running_loop()
         with self._cond:
             self._check_alive()
-            ticket = self.scheduler.admit(jobs, timeout_s=timeout_s, requested_crops=requested_crops)
+            if auto is None:
+                ticket = self.scheduler.admit(jobs, timeout_s=timeout_s)
+            else:
+                ticket = self.scheduler.admit_auto(jobs, auto, timeout_s=timeout_s)
             self._queue_changed()
             self._waiters[ticket.id] = _Waiter(loop.create_future(), loop)
             self._cond.notify_all()

@@ -214,6 +214,23 @@ def test_auto_samples_shrink_to_meet_the_deadline(model) -> None:
     assert s.auto_samples(1, SamplesRange(4, 32), timeout_s=1.0) == 24
 
 
+def test_an_auto_request_gets_its_s_again_from_the_queue_it_joins(model) -> None:
+    """S is given before the images decode (their reduced decode depends on it); if the queue grew meanwhile,
+    the request joins at the S that fits now, its plans cut to that S's plan, instead of a 429."""
+    s = scheduler(max_queue_crops=4096, chunk_crops=8)
+    s.seconds_per_crop = 0.01
+    planned = s.auto_samples(1, SamplesRange(4, 32), timeout_s=1.0)
+    assert planned == 32
+    late = jobs(model, planned)
+    s.admit(jobs(model, 40))  # admitted while `late` decoded: 0.4 s ahead in turns of 8
+    ticket = s.admit_auto(late, SamplesRange(4, 32), timeout_s=1.0)
+    assert len(late[0].views) == 24  # as test_auto_samples_shrink_to_meet_the_deadline
+    assert late[0].views == jobs(model, 24)[0].views  # the S=24 plan: the same seed's first 24 views
+    assert ticket.requested_crops == 32 and s.queued_crops == 40 + 24
+    with pytest.raises(Overloaded):  # refused only when even samples_min does not fit
+        s.admit_auto(jobs(model, 32), SamplesRange(4, 32), timeout_s=0.1)
+
+
 def test_auto_samples_judge_the_smallest_s_with_a_narrower_margin(model) -> None:
     s = scheduler(max_queue_crops=4096, chunk_crops=8)
     s.seconds_per_crop = 0.01
