@@ -7,6 +7,7 @@ import http.client
 import io
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -27,6 +28,7 @@ from service.cli import main
 from service.core.decode import decode_image
 from service.core.embedding import embed, embed_stream
 from service.core.policies import MultiscalePolicy
+from service.testing import REPO
 from tests.integration.conftest import running_server
 
 DUMMY = ["--model", "dummy", "--mode", "eager"]
@@ -75,6 +77,22 @@ def test_a_folder_becomes_a_dataset_with_bad_files_listed_and_the_library_number
     for path, vector in zip(photos, expected.embeddings, strict=True):
         np.testing.assert_allclose(by_path[str(path)], vector, rtol=1e-6, atol=1e-6)
 
+
+
+def test_the_readmes_columns_are_the_datasets_each_optional_one_with_its_flag(tmp_path) -> None:
+    """The README's `Columns:` sentence: the columns every dataset has, then `name` with `--flag` for each
+    column only that flag adds (it once listed `variance` and `dispersion` as if always there)."""
+    text = re.sub(r"\([^)]*\)", "", " ".join((REPO / "README.md").read_text().split()).split("Columns: ", 1)[1])
+    always, _, optional = text.split(";", 1)[0].partition(", and ")
+    every, flagged = re.findall(r"`(\w+)`", always), re.findall(r"`(\w+)` with `--([\w-]+)`", optional)
+    assert every and flagged and re.sub(r"`\w+` with `--[\w-]+`|[, ]", "", optional) == ""
+    write_photos(tmp_path / "photos", 2)
+    assert metta(str(tmp_path / "photos"), "--out", str(tmp_path / "plain.parquet"), *DUMMY) == 0
+    assert pq.read_table(tmp_path / "plain.parquet").column_names == every
+    for column, flag in flagged:
+        out = tmp_path / f"{column}.parquet"
+        assert metta(str(tmp_path / "photos"), "--out", str(out), f"--{flag}", *DUMMY) == 0
+        assert pq.read_table(out).column_names == [*every, column]
 
 def test_a_second_run_skips_what_is_there_and_embeds_only_new_files(tmp_path, capsys) -> None:
     folder = tmp_path / "photos"

@@ -67,3 +67,17 @@ def test_every_options_table_is_its_endpoints_schema() -> None:
             if field.default is not None:
                 expected = str(field.default).lower() if isinstance(field.default, bool) else str(field.default)
                 assert documented[name].strip("`") == expected, (heading, name, documented[name], expected)
+
+
+def test_the_exit_code_table_is_metta_embeds() -> None:
+    """One exit code per row, each the command's own, and every code the command returns has its row."""
+    from service.bulk import command
+
+    lines = README.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| exit code |"))
+    documented = []
+    for row in lines[start + 2:]:
+        if not row.startswith("|"):
+            break
+        documented.append(int(row.split("|")[1]))
+    assert sorted(documented) == sorted({command.OK, command.FAILED, command.USAGE, command.INTERRUPTED})
