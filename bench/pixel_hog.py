@@ -26,8 +26,6 @@ from PIL import Image
 
 from service.testing import photos, start_server
 
-SAMPLE_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
-
 
 def flat_image(fmt: str, width: int = 8_000, height: int = 5_000) -> bytes:
     """A flat picture: a few hundred KB that decode to 40 MP. A JPEG may be decoded at a reduced scale (its views
@@ -45,7 +43,7 @@ def main() -> None:
     args = parser.parse_args()
     flat = base64.b64encode(flat_image(args.format.upper())).decode()
     big = {"images": [flat] * 64, "samples": 1, "policy": "center"}
-    pictures = photos(40, directory=SAMPLE_DIR)
+    pictures = photos(40)  # $METTA_SAMPLES_DIR, else ../shared/data/imagenet-sample
     good_images = [base64.b64encode(image).decode() for image in pictures.images]
     server = start_server(Path(tempfile.mkdtemp(prefix="metta-hog-")), "--threads", "2", own_session=True,
                           ready_timeout=600)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -64,3 +65,11 @@ def test_metta_samples_dir_points_tests_bench_and_eval_at_the_photos(tmp_path: P
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [str(tmp_path)] * 3
+
+
+def test_only_service_testing_names_the_sample_photos_folder() -> None:
+    """Every other module takes the folder from `service.testing` (so $METTA_SAMPLES_DIR reaches it)."""
+    naming = [str(path.relative_to(testing.REPO)) for folder in ("service", "models", "evaluation", "tests", "bench")
+              for path in (testing.REPO / folder).rglob("*.py")
+              if re.search(r"[\"'/]imagenet-sample[\"'/]", path.read_text()) and path != Path(testing.__file__)]
+    assert naming == []
