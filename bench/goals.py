@@ -7,8 +7,9 @@ Parts, each with `--repeats` interleaved repeats and the median reported:
 - `default`: the default model on the CPU (fp32, the service's engine). R, the best raw forward of the same
   model with the same threads (`bench.raw_limit`, OpenVINO, batches 8/16/32), is measured before and after
   the service windows of every repeat, with the server paused (SIGSTOP); each window's crops/s is divided
-  by that repeat's mean R. Windows: S=32 × 4 clients and S=1 × 16 clients. The service's own stage times
-  (render, forward, reduce, the forward's input wait) are read from /metrics for the same window.
+  by that repeat's mean R, and by R scaled to the cores the load generator left the server (`scaled_r`).
+  Windows: S=32 × 4 clients and S=1 × 16 clients. The service's own stage times (render, forward, reduce,
+  the forward's input wait) are read from /metrics for the same window.
 - `sleep`: `--model sleep:1000`, a forward that waits 1 ms a crop with the GIL released (a limit of
   1,000 crops/s): S=32, 8 and 1 × 16 clients.
 - `ceiling`: `sleep:0` (a forward that costs nothing), this tree against round 1 (main at f1762a5, checked out
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -65,7 +67,7 @@ def window(server: ServerProcess, bodies: dict[int, list[bytes]], samples: int, 
             other.resume()
     row: dict[str, Any] = {"samples": samples, "clients": clients, "crops_per_s": result.crops_per_s,
                            "images_per_s": result.images_per_s, "p50_ms": result.p50_ms, "p95_ms": result.p95_ms,
-                           "errors": result.errors, "requests": result.requests,
+                           "errors": result.errors, "requests": result.requests, "client_cpu": result.client_cpu,
                            "server_cores": (server.cpu_seconds() - cpu_before) / (time.perf_counter() - started)}
     after = server.metrics_text()
     if after:
@@ -106,13 +108,24 @@ def part_default(args: argparse.Namespace, bodies: dict[int, list[bytes]], logs:
             r = (r_before + r_after) / 2
             for row in rows:
                 row["ratio_to_R"] = row["crops_per_s"] / r
+                row["ratio_to_scaled_R"] = row["crops_per_s"] / scaled_r(r, row["client_cpu"])
             repeats.append({"repeat": repeat, "R_before": r_before, "R_after": r_after, "windows": rows})
     finally:
         server.stop()
-    return {"repeats": repeats, "median_ratio": {
-        f"S={s} x {c}": statistics.median(w["ratio_to_R"] for rep in repeats for w in rep["windows"]
-                                          if (w["samples"], w["clients"]) == (s, c))
-        for s, c in ((32, 4), (1, 16))}}
+    def medians(ratio: str) -> dict[str, float]:
+        return {f"S={s} x {c}": statistics.median(w[ratio] for rep in repeats for w in rep["windows"]
+                                                  if (w["samples"], w["clients"]) == (s, c))
+                for s, c in ((32, 4), (1, 16))}
+
+    return {"repeats": repeats, "median_ratio": medians("ratio_to_R"),
+            "median_ratio_to_scaled_R": medians("ratio_to_scaled_R")}
+
+
+def scaled_r(r: float, client_cpu: float) -> float:
+    """R scaled to the cores the load generator leaves the server: R was measured with the whole machine, the
+    window shared it with the generator (its CPU seconds per second of the window, subtracted from nproc)."""
+    cores = os.cpu_count() or 1
+    return r * max(0.0, cores - client_cpu) / cores
 
 
 def part_sleep(args: argparse.Namespace, bodies: dict[int, list[bytes]], logs: Path) -> dict[str, Any]:
@@ -200,6 +213,9 @@ def main(argv: list[str] | None = None) -> None:
         summary = (results[part].get("median_ratio") or results[part].get("median_crops_per_s")
                    or results[part].get("images_per_s_ratio"))
         log(f"{part}: {json.dumps(summary)}")
+        if "median_ratio_to_scaled_R" in results[part]:
+            log(f"{part} against R scaled to the load generator's share: "
+                f"{json.dumps(results[part]['median_ratio_to_scaled_R'])}")
 
 
 if __name__ == "__main__":

