@@ -4,7 +4,6 @@ path's orientation, one pixel cap, float images by their range, ICC profiles con
 from __future__ import annotations
 
 import io
-import os
 import struct
 import time
 import zlib
@@ -21,7 +20,6 @@ from service import hostile
 from service.core.decode import decode_image, device_decodable, image_size
 from service.core.errors import InvalidImage, PayloadTooLarge
 from service.core.precheck import MAX_BMP_RLE_BYTES, MAX_JPEG_SCANS, check_structure, count_png_chunks
-from service.testing import SAMPLE_DIR as SAMPLES
 from tests.unit.test_decode import LIMITS, _png_header_only, as_hwc, encode, gradient
 
 
@@ -140,13 +138,9 @@ def test_float_images_in_unit_range_are_scaled_by_255() -> None:
     assert np.array_equal(decoded[..., 0], np.clip(np.rint(wide), 0, 255).astype(np.int32))
 
 
-def _adobe_rgb_photos() -> list[Path]:
-    if not SAMPLES.is_dir():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{SAMPLES} is missing under CI")
-        pytest.skip(f"the sample photos ({SAMPLES}) are absent")
+def _adobe_rgb_photos(sample_dir: Path) -> list[Path]:
     found = []
-    for path in sorted(SAMPLES.glob("*.JPEG")):
+    for path in sorted(sample_dir.glob("*.JPEG")):
         with Image.open(path) as image:
             icc = image.info.get("icc_profile")
         if icc and "Adobe RGB" in ImageCms.getProfileDescription(ImageCms.ImageCmsProfile(io.BytesIO(icc))):
@@ -158,9 +152,10 @@ def _adobe_rgb_photos() -> list[Path]:
     return found
 
 
-def test_adobe_rgb_photos_are_converted_to_srgb() -> None:
+def test_adobe_rgb_photos_are_converted_to_srgb(sample_dir: Path) -> None:
+    """On the sample photos (the `sample_dir` fixture skips without them, CI or not: photos are not a tool)."""
     srgb = ImageCms.createProfile("sRGB")
-    for path in _adobe_rgb_photos():
+    for path in _adobe_rgb_photos(sample_dir):
         data = path.read_bytes()
         image = Image.open(io.BytesIO(data))
         profile = ImageCms.ImageCmsProfile(io.BytesIO(image.info["icc_profile"]))
