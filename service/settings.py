@@ -97,8 +97,8 @@ class Settings(BaseSettings):
     header_timeout_s: float = Field(10.0, gt=0, description="time allowed to receive a request's headers")
     max_header_bytes: int = Field(32 * 1024, ge=1024, description="request line and headers, in bytes (else 431)")
     max_headers: int = Field(100, ge=1, description="headers per request (else 431)")
-    write_timeout_s: float = Field(60.0, gt=0, description="a reply the client does not read for this long is "
-                                   "dropped: the connection is aborted and its buffered bytes freed")
+    write_timeout_s: float = Field(60.0, gt=0, description="a client that takes no byte of its reply for this long is "
+                                   "dropped: the connection is reset and its unsent bytes freed")
     linger_s: float = Field(30.0, ge=0, description="after a reply sent before its request's body arrived, read "
                             "and discard the rest at most this long (so the client reads the reply, not a reset)")
     linger_bytes: int | None = Field(None, ge=0, description="... and at most this many bytes (default: "

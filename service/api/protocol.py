@@ -18,8 +18,12 @@ read (the client, still uploading, may see a reset instead of its 429). This pro
 - **body time**: the body must be complete within `body_timeout_s` (+1 s: the app answers 408 first where it
   reads the body) of its request starting to run, else 408. A pipelined request's body is on the clock only
   once the requests ahead of it are answered;
-- **write time**: a reply the client does not read for `write_timeout_s` (the socket's buffer stays full) is
-  dropped: the connection is aborted and its buffered bytes freed (`close()` would wait for them forever);
+- **write time**: once written bytes wait for the client (in the transport's buffer, or in the kernel's send
+  queue because the client's receive window is shut), the client must take some of them every
+  `write_timeout_s`, else the connection is dropped: aborted with a reset, so the process's buffer and the
+  kernel's copy are freed at once and the client learns of it (`close()` would wait for the buffer forever; a
+  plain close of the socket leaves the kernel holding the unsent bytes with the FIN queued behind them, and the
+  client never sees the end). A close with bytes still unsent waits for them under the same bound;
 - **connections**: past `max_connections` open ones (lingering ones included) a new connection gets 503 at
   once and is closed;
 - **pipelining**: requests are answered in order; a refusal of a later request (its 408, 431 or 400) waits
@@ -39,8 +43,13 @@ its client gone, does not count it a second time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import http
 import logging
+import socket
+import struct
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +63,8 @@ from service.settings import Settings
 log = logging.getLogger("metta.protocol")
 REFUSED = "refused_by_protocol"  # the key in a request's state (`request.state`) the app reads
 LINGER_SILENCE_S = 5.0  # a lingering client silent this long is done sending (nginx's lingering_timeout)
+WRITE_CHECK_S = 1.0  # how often a connection with unsent bytes is looked at (at least 4 times per write bound)
+SIOCOUTQNSD = 0x894B  # Linux: bytes in a socket's send queue not yet sent (the client's window is shut)
 
 
 @dataclass(frozen=True)
@@ -75,16 +86,40 @@ class ConnectionLimits:
                    linger_bytes=settings.lingering_bytes(), max_connections=settings.max_connections)
 
 
-def guarded_protocol(limits: ConnectionLimits,
-                     on_reject: Callable[[ServiceError], None] = lambda error: None) -> type[HttpToolsProtocol]:
-    """A protocol class for `uvicorn.run(..., http=...)` with these limits."""
+def guarded_protocol(limits: ConnectionLimits, on_reject: Callable[[ServiceError], None] = lambda error: None,
+                     on_write_timeout: Callable[[], None] = lambda: None) -> type[HttpToolsProtocol]:
+    """A protocol class for `uvicorn.run(..., http=...)` with these limits; `on_write_timeout` is told of
+    each connection dropped because its client did not take its reply."""
 
     class Guarded(GuardedHttpProtocol):
         pass
 
     Guarded.limits = limits
     Guarded.on_reject = staticmethod(on_reject)
+    Guarded.on_write_timeout = staticmethod(on_write_timeout)
     return Guarded
+
+
+def kernel_unsent(transport: asyncio.BaseTransport) -> int:
+    """Bytes the kernel holds for this socket and has not sent (0 where the OS cannot say)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or not sys.platform.startswith("linux"):
+        return 0
+    try:
+        unsent: int = struct.unpack("i", fcntl.ioctl(sock.fileno(), SIOCOUTQNSD, b"\0\0\0\0"))[0]
+    except (OSError, ValueError):  # closed meanwhile, or not a TCP socket
+        return 0
+    return unsent
+
+
+def abort_with_reset(transport: asyncio.Transport) -> None:
+    """Abort so that the kernel drops what it still holds for the client and sends a reset (SO_LINGER 0):
+    a plain close would leave the unsent bytes, and the FIN behind them, in the kernel for minutes."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 class _ReplyTransport(asyncio.Transport):
@@ -96,7 +131,7 @@ class _ReplyTransport(asyncio.Transport):
         self._protocol = protocol
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        self._protocol.transport.write(data)
+        self._protocol.write(data)
 
     def is_closing(self) -> bool:
         return self._protocol.transport.is_closing() or self._protocol.stopped
@@ -108,12 +143,18 @@ class _ReplyTransport(asyncio.Transport):
 class GuardedHttpProtocol(HttpToolsProtocol):
     limits = ConnectionLimits()
     on_reject: Callable[[ServiceError], None] = staticmethod(lambda error: None)
+    on_write_timeout: Callable[[], None] = staticmethod(lambda: None)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._reply_transport = _ReplyTransport(self)
         self._read_timer: asyncio.TimerHandle | None = None  # head, body, idle or linger time: one at a time
-        self._write_timer: asyncio.TimerHandle | None = None
+        self._write_timer: asyncio.TimerHandle | None = None  # looks at unsent bytes while there are any
+        self._written = 0  # bytes written to the transport, all told
+        self._taken = 0  # of them, taken by the client when last looked at
+        self._taken_at = 0.0  # when the client last took some
+        self._draining = False  # closing once the client has taken what was written (FIN sent after it)
+        self._eof_written = False
         self._head_bytes = 0  # of the head being read
         self._framing_run = 0  # chunked-body bytes since its last data: chunk lines, extensions, trailers
         self._trailers = 0
@@ -138,9 +179,14 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._read_timer.cancel()
             self._read_timer = None
 
-    def _arm_write(self) -> None:
-        if self._write_timer is None:
-            self._write_timer = self.loop.call_later(self.limits.write_timeout_s, self._write_stalled)
+    def _watch_writes(self) -> None:
+        """Hold the client to the write bound while written bytes wait for it (a no-op when none do)."""
+        if self._write_timer is None and not self.transport.is_closing() and self._unsent():
+            self._taken, self._taken_at = self._written - self._unsent(), self.loop.time()
+            self._write_timer = self.loop.call_later(self._write_check_s(), self._check_writes)
+
+    def _write_check_s(self) -> float:
+        return min(WRITE_CHECK_S, self.limits.write_timeout_s / 4)
 
     def _disarm_write(self) -> None:
         if self._write_timer is not None:
@@ -155,7 +201,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             error = TooManyConnections(f"the server has {self.limits.max_connections} connections open; retry "
                                        "later", headers={"Retry-After": "1"})
             self.on_reject(error)
-            self.transport.write(reply_bytes(error))
+            self.write(reply_bytes(error))
             self._close()
             return
         self._arm_read(self.limits.header_timeout_s, self._head_timeout)
@@ -175,9 +221,12 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.pipeline.clear()
         super().connection_lost(exc)
 
-    def eof_received(self) -> None:  # None: the transport closes itself once what is written has gone out
+    def eof_received(self) -> bool | None:  # type: ignore[override]  # asyncio.Protocol allows a bool
         if self._lingering:
             self._close()  # the client has sent all it will: the lingering is over
+        # None: the transport closes itself once its buffer is out; while draining, the write bound closes it (a
+        # client that half-closes and never reads would otherwise leave its bytes with the kernel).
+        return True if self._draining else None
 
     def shutdown(self) -> None:
         """uvicorn's graceful shutdown: no new requests; what runs finishes, then the connection closes."""
@@ -319,35 +368,59 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         else:
             self._close()
 
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Every byte to the client goes through here: counted, so the write bound can tell progress."""
+        self._written += len(data)
+        self.transport.write(data)
+
     def pause_writing(self) -> None:
         super().pause_writing()
-        self._arm_write()  # the client is not reading: it has write_timeout_s to make room
+        self._watch_writes()  # the client is not keeping up: it must take some every write_timeout_s
 
-    def resume_writing(self) -> None:
-        super().resume_writing()
-        self._disarm_write()
-        if self.transport.is_closing() or self._lingering:
-            self._bound_the_flush()
+    def _unsent(self) -> int:
+        """Written bytes the client has not taken: in the transport's buffer and in the kernel's send queue."""
+        return self.transport.get_write_buffer_size() + kernel_unsent(self.transport)
 
-    def _write_stalled(self) -> None:
+    def _check_writes(self) -> None:
         self._write_timer = None
-        if self.transport.get_write_buffer_size():
-            log.info("dropped a client that read none of its reply for %g s (%d bytes unsent)",
-                     self.limits.write_timeout_s, self.transport.get_write_buffer_size())
+        if self.transport.is_closing():
+            return
+        unsent = self._unsent()
+        if not unsent:
+            if self._draining:
+                self.transport.close()  # the client has all of it: the FIN went out behind it
+            return
+        taken = self._written - unsent
+        if taken > self._taken:
+            self._taken, self._taken_at = taken, self.loop.time()
+        elif self.loop.time() - self._taken_at >= self.limits.write_timeout_s:
+            log.info("dropped a client that took none of its reply for %g s (%d bytes unsent)",
+                     self.limits.write_timeout_s, unsent)
             self.stopped = True
-            self.transport.abort()  # close() would wait for the buffer to drain; abort frees it
-
-    def _bound_the_flush(self) -> None:
-        if self.transport.get_write_buffer_size():
-            self._arm_write()
+            self.on_write_timeout()
+            abort_with_reset(self.transport)
+            return
+        self._write_timer = self.loop.call_later(self._write_check_s(), self._check_writes)
 
     def _close(self) -> None:
+        """Close once the client has taken what was written (at once if it has): FIN after the last byte,
+        the write bound meanwhile."""
         self.stopped = True
         self._lingering = False
         self._disarm_read()
-        if not self.transport.is_closing():
+        if self.transport.is_closing() or self._draining:
+            return
+        if not self._unsent():
             self.transport.close()
-        self._bound_the_flush()
+            return
+        self._draining = True
+        self._write_eof()
+        self._watch_writes()
+
+    def _write_eof(self) -> None:
+        if self.transport.can_write_eof() and not self._eof_written:
+            self._eof_written = True
+            self.transport.write_eof()
 
     # Refusals
     def send_400_response(self, msg: str) -> None:  # uvicorn's answer to a malformed request
@@ -383,7 +456,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         assert self._refusal is not None
         error, self._refusal = self._refusal, None
         self.on_reject(error)
-        self.transport.write(reply_bytes(error))
+        self.write(reply_bytes(error))
         self._linger()
 
     def _linger(self) -> None:
@@ -393,8 +466,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             return
         self.stopped = self._lingering = True
         self._disarm_read()
-        self.transport.write_eof()
-        self._bound_the_flush()
+        self._write_eof()
+        self._watch_writes()
         self.flow.resume_reading()
         # The bytes of the refused body read so far count against the bound: a whole body of max_body_bytes can
         # still be sent, one already past it is not read that far again.
@@ -454,4 +527,5 @@ def reply_bytes(error: ServiceError) -> bytes:
 def serving_protocol(settings: Settings, app: FastAPI) -> type[HttpToolsProtocol]:
     """The protocol `metta-serve` runs: the settings' limits, refusals counted in the app's metrics."""
     metrics = app.state.metta.metrics
-    return guarded_protocol(ConnectionLimits.from_settings(settings), on_reject=metrics.count_refusal)
+    return guarded_protocol(ConnectionLimits.from_settings(settings), on_reject=metrics.count_refusal,
+                            on_write_timeout=lambda: metrics.rejected.labels("write_timeout").inc())

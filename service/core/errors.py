@@ -118,6 +118,7 @@ ERRORS: tuple[type[ServiceError], ...] = (
     InvalidImage, InvalidRequest, Unauthorized, NotFound, MethodNotAllowed, RequestTimeout, PayloadTooLarge,
     UnsupportedMediaType, InvalidOption, NoClassifier, Overloaded, HeadersTooLarge, InternalError, NotReady,
     TooManyConnections, DeadlineExceeded)
-# What metta_rejected_total counts under, besides the refusals above: requests whose client left.
+# What metta_rejected_total counts under, besides the refusals above: requests whose client left, and
+# connections dropped because their client did not take its reply within the write bound (write_timeout_s).
 REJECT_REASONS: tuple[str, ...] = (
-    *dict.fromkeys(error.reason for error in ERRORS if error.reason is not None), "client_gone")
+    *dict.fromkeys(error.reason for error in ERRORS if error.reason is not None), "client_gone", "write_timeout")

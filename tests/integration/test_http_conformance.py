@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -242,27 +243,70 @@ def test_keep_alive_after_refusals_of_a_whole_request_then_a_clean_end_after_an_
 
 # Clients that never read
 
-def test_a_client_that_never_reads_is_dropped_after_the_write_timeout(served: Served) -> None:
-    """200 pipelined requests for the 30 KB OpenAPI document on a socket with a 4 KB receive buffer, never
-    read: the server drops the connection within write_timeout_s (1 s) of its buffer filling (it had kept
-    the connection and its buffered replies for as long as anyone watched)."""
+def tcp_state(sock: socket.socket) -> int:
+    """The socket's TCP state (Linux's TCP_INFO): 1 established, 7 closed (after a reset)."""
+    return sock.getsockopt(socket.SOL_TCP, socket.TCP_INFO, 8)[0]
+
+
+TCP_CLOSE = 7
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the client's TCP state (TCP_INFO, Linux)")
+@pytest.mark.parametrize("requests", [
+    pytest.param(200, id="replies-past-the-socket-buffers"),
+    pytest.param(1, id="one-reply-the-kernel-holds"),
+])
+def test_a_client_that_never_reads_is_reset_within_the_write_bound(served: Served, requests: int) -> None:
+    """Pipelined requests for the 30 KB OpenAPI document on a socket with a 4 KB receive buffer, never read:
+    the server resets the connection (its bytes freed, in the process and in the kernel) within
+    header_timeout_s + write_timeout_s (1 + 1 s) and counts one `write_timeout`. It had dropped 200 replies'
+    connection with a close the client never saw (the kernel kept the unsent bytes, the FIN behind them), and
+    one reply that fit in the kernel's buffer was left there at its idle close, never bounded (on main 02c7108
+    the connection and its 6 MB stayed for as long as anyone watched)."""
     settled = time.monotonic() + 5
     while served.connections() and time.monotonic() < settled:  # earlier tests' connections closing
         time.sleep(0.05)
-    baseline = served.connections()
+    baseline, before = served.connections(), served.rejected()
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(served.address)
     try:
-        sock.sendall(request("GET", "/openapi.json") * 200)
-        time.sleep(0.3)
-        assert served.connections() == baseline + 1
-        deadline = time.monotonic() + 8
-        while served.connections() > baseline and time.monotonic() < deadline:
-            time.sleep(0.1)
+        sock.sendall(request("GET", "/openapi.json") * requests)
+        started = time.monotonic()
+        while tcp_state(sock) != TCP_CLOSE and time.monotonic() - started < 8:
+            time.sleep(0.05)
+        reset_after = time.monotonic() - started
+        assert tcp_state(sock) == TCP_CLOSE, "the client never learnt that the server dropped it"
+        assert reset_after < 4.0, reset_after
+        with pytest.raises(ConnectionResetError):  # after what had reached the client's buffer: a reset, no FIN
+            while sock.recv(65536):
+                pass
         assert served.connections() == baseline, "the server still holds the connection"
+        after = served.rejected()
+        assert {r: after[r] - before[r] for r in after if after[r] != before[r]} == {"write_timeout": 1}
     finally:
         sock.close()
+
+
+def test_a_client_that_reads_slowly_but_steadily_gets_its_whole_reply(served: Served) -> None:
+    """8 pipelined OpenAPI documents (≈ 250 KB) through a 4 KB receive buffer, a little taken every 0.1 s
+    (several write bounds in all): the client keeps taking bytes, so it is not dropped; every reply whole."""
+    expected = httpx.get(f"{served.url}/openapi.json").content
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(served.address)
+    sock.settimeout(5)
+    data, started = b"", time.monotonic()
+    with sock:
+        sock.sendall(request("GET", "/openapi.json") * 8)
+        while data.count(expected) < 8 and time.monotonic() - started < 30:
+            time.sleep(0.1)
+            chunk = sock.recv(16384)
+            if not chunk:
+                break
+            data += chunk
+    assert data.count(expected) == 8
+    assert time.monotonic() - started > 2 * LIMITS["write_timeout_s"], "read faster than meant"
 
 
 # The connection cap

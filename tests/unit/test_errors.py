@@ -77,7 +77,8 @@ def test_every_status_and_type_is_in_the_openapi_error_list() -> None:
 
 
 def test_the_metrics_reasons_come_from_the_classes() -> None:
-    assert set(REJECT_REASONS) == {cls.reason for cls in ERRORS if cls.reason is not None} | {"client_gone"}
+    assert set(REJECT_REASONS) == {cls.reason for cls in ERRORS if cls.reason is not None} | {"client_gone",
+                                                                                               "write_timeout"}
     for cls in ERRORS:  # 4xx refusals are counted; 5xx other than a missed deadline are failures, not refusals
         if 400 <= cls.status < 500 and cls.status not in (404, 405):
             assert cls.reason is not None, cls
