@@ -111,12 +111,15 @@ def dataset_command(args: argparse.Namespace) -> int:
         raise UsageError("nothing to embed: name files, folders, globs or URIs, or --list FILE")
     if args.ray is not None and args.server is not None:
         raise UsageError("--ray and --server are two ways to run the job: choose one")
-    if args.server is not None:  # the options are checked against the server's own defaults and limits
-        return _remote(args, Path(args.out), workers)
-    policy, samples = _views(args, ViewDefaults.of(settings), input_size=None)  # before the model loads
-    if args.ray is not None:
-        return _ray(args, settings, Path(args.out), policy, samples)
-    return _local(args, settings, Path(args.out), policy, samples, workers)
+    out = Path(args.out)
+    if args.server is None:  # with --server, the options are checked against the server's defaults and limits
+        policy, samples = _views(args, ViewDefaults.of(settings), input_size=None)
+    with output_lock(out):  # before anything slow: a server asked, a model loaded, a cluster joined
+        if args.server is not None:
+            return _remote(args, out, workers)
+        if args.ray is not None:
+            return _ray(args, settings, out, policy, samples)
+        return _local(args, settings, out, policy, samples, workers)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -290,27 +293,26 @@ def _ray(args: argparse.Namespace, settings: Settings, out: Path, policy: str, s
 @contextmanager
 def _session(out: Path, run: RunSettings, dim: int, inputs: Inputs, args: argparse.Namespace, *,
              retried: Callable[[], int] = lambda: 0) -> Iterator[tuple[Dataset, ErrorLog, Progress]]:
-    """Lock and open the dataset; however the work ends (done, Ctrl-C, an error), keep the finished rows and
-    print the summary, whose counts are the rows actually written."""
-    with output_lock(out):
-        dataset = Dataset(out, run, dim, part_rows=args.part_rows)
-        dataset.open(overwrite=args.overwrite)
-        errors = ErrorLog(errors_path(out))
-        progress = Progress(len(inputs.files) + len(inputs.skipped))
+    """Open the dataset (its lock held by `dataset_command`); however the work ends (done, Ctrl-C, an error),
+    keep the finished rows and print the summary, whose counts are the rows actually written."""
+    dataset = Dataset(out, run, dim, part_rows=args.part_rows)
+    dataset.open(overwrite=args.overwrite)
+    errors = ErrorLog(errors_path(out))
+    progress = Progress(len(inputs.files) + len(inputs.skipped))
+    try:
+        for path, kind, message in inputs.skipped:
+            errors.add(path, kind, message)
+            progress.add_bad()
+        yield dataset, errors, progress
+        dataset.finish()
+    finally:
         try:
-            for path, kind, message in inputs.skipped:
-                errors.add(path, kind, message)
-                progress.add_bad()
-            yield dataset, errors, progress
-            dataset.finish()
+            dataset.flush()  # every buffered row is complete: keep it (a no-op after finish)
         finally:
-            try:
-                dataset.flush()  # every buffered row is complete: keep it (a no-op after finish)
-            finally:
-                errors.close()
-                progress.close()
-                print(progress.summary(str(out), str(errors.path), written=dataset.written,
-                                       replaced=dataset.replaced, retried=retried()), flush=True)
+            errors.close()
+            progress.close()
+            print(progress.summary(str(out), str(errors.path), written=dataset.written,
+                                   replaced=dataset.replaced, retried=retried()), flush=True)
 
 
 def _exit_code(dataset: Dataset, progress: Progress) -> int:

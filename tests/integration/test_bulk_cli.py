@@ -240,6 +240,26 @@ def test_a_second_run_into_the_same_output_is_refused(tmp_path, capsys) -> None:
     assert metta(str(tmp_path / "photos"), "--out", str(out), *DUMMY) == 0
 
 
+
+def test_a_cluster_bucket_or_server_run_into_a_busy_output_is_refused_before_it_starts(tmp_path, capsys) -> None:
+    """The output's lock is taken first: no cluster is joined, no bucket listed, no server asked (here none of
+    them exists, so anything but the lock's refusal would be another error, or a wait)."""
+    write_photos(tmp_path / "photos", 1)
+    out = tmp_path / "out.parquet"
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        nobody = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    runs = {"ray": [str(tmp_path / "photos"), "--ray", "127.0.0.1:9", *DUMMY],
+            "bucket": ["s3://no-such-bucket/photos/", *DUMMY],
+            "server": [str(tmp_path / "photos"), "--server", nobody]}
+    with output_lock(out):  # the first run, still writing
+        for name, args in runs.items():
+            started = time.monotonic()
+            assert metta(*args, "--out", str(out)) == 2, name
+            assert time.monotonic() - started < 5, name
+            assert f"{out} is being written by another metta embed run" in capsys.readouterr().err, name
+    assert not out.exists()
+
 def test_a_full_disk_ends_with_a_message_exit_1_and_counts_of_the_rows_written(tmp_path, monkeypatch,
                                                                                 capsys) -> None:
     write_photos(tmp_path / "photos", 7)
