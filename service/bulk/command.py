@@ -9,8 +9,9 @@ request that names none gets there.
 
 Exit codes, the same for every output (.npy and .parquet):
   0    the run completed (also when everything was already there, or bad files were skipped)
-  1    nothing could be embedded (every file bad; with .npy, any bad file), the server could not be reached
-       or kept failing, or the output could not be written (a full disk); the rows written are kept
+  1    nothing could be embedded (every file bad; with .npy, any bad file), the server or the Ray cluster
+       could not be reached or kept failing, or the output could not be written (a full disk); the rows
+       written are kept
   2    usage: bad options or flags, no input found, settings that do not match the existing dataset, or
        another run writing the same --out; nothing was read or written
   130  Ctrl-C (finished parts kept)
@@ -264,8 +265,8 @@ def _ray(args: argparse.Namespace, settings: Settings, out: Path, policy: str, s
     from models import ModelOptions
     from service.bulk.local import DecodeLimits
 
-    raydata.connect(args.ray or None)
     try:
+        raydata.connect(args.ray or None)
         placement = raydata.Placement.for_cluster(args.actors, args.actor_threads)
         device = args.device or ("cuda" if placement.gpus else "cpu")
         options = ModelOptions(device=device, dtype=settings.dtype, mode=settings.mode, weights=settings.weights,
@@ -283,7 +284,7 @@ def _ray(args: argparse.Namespace, settings: Settings, out: Path, policy: str, s
         with _session(out, run, dim, inputs, args) as (dataset, errors, progress):
             raydata.run_ray(inputs.files, dataset, errors, progress, spec=spec, placement=placement)
         return _exit_code(dataset, progress)
-    except raydata.Incomplete as exc:
+    except (raydata.Incomplete, raydata.Unreachable) as exc:
         print(f"metta embed: {exc}", file=sys.stderr)
         return FAILED
     finally:

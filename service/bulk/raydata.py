@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -47,6 +48,13 @@ EMBED_BATCH = 16  # images per call of an actor
 
 class Incomplete(Exception):
     """Some inputs never came back from the cluster: exit 1 (the next run embeds them)."""
+
+
+class Unreachable(Exception):
+    """Nothing answers at the cluster's address: exit 1."""
+
+
+CONNECT_TIMEOUT_S = 3.0  # as for --server: an address where nothing answers fails the run at once
 
 
 @dataclass(frozen=True)
@@ -189,6 +197,7 @@ def disconnect() -> None:
 
 def connect(address: str | None) -> None:
     """Join the cluster at `address` (None: $RAY_ADDRESS, else a new one-machine cluster); quiet logs."""
+    _answers_or_raise(address or os.environ.get("RAY_ADDRESS"))
     try:
         ray.init(address=address, log_to_driver=False, logging_level="WARNING", include_dashboard=False)
     except (ConnectionError, ValueError, RuntimeError) as exc:
@@ -197,6 +206,19 @@ def connect(address: str | None) -> None:
     context.enable_progress_bars = False  # the run's own bar and summary line say how far it is
     context.print_on_execution_start = False
     context.execution_options.preserve_order = False
+
+
+def _answers_or_raise(address: str | None) -> None:
+    """Unreachable unless something accepts a connection at a HOST:PORT (or ray://HOST:PORT) address within
+    CONNECT_TIMEOUT_S: ray.init itself waits minutes for a dead address (5.5 min measured), then exits 15."""
+    host, colon, port = (address or "").removeprefix("ray://").rpartition(":")
+    if not colon or not port.isdigit():
+        return  # no address, "auto", "local": Ray finds or starts the cluster itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise Unreachable(f"--ray {address}: nothing answers there ({exc.strerror or exc}); "
+                          "is the cluster's head running?") from None
 
 
 def list_on_cluster(arguments: Sequence[str], pattern: str | None, listings: Sequence[str]) -> Inputs:

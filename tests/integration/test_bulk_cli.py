@@ -291,6 +291,17 @@ def test_a_server_that_does_not_answer_fails_within_seconds_naming_it(tmp_path, 
     assert f"--server {url}: nothing answers there" in capsys.readouterr().err
 
 
+
+def test_a_ray_address_where_nothing_answers_fails_within_seconds_naming_it(tmp_path, capsys) -> None:
+    write_photos(tmp_path / "photos", 1)
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
+    started = time.monotonic()
+    assert metta(str(tmp_path / "photos"), "--out", str(tmp_path / "out.parquet"), "--ray", address, *DUMMY) == 1
+    assert time.monotonic() - started < 10
+    assert f"--ray {address}: nothing answers there" in capsys.readouterr().err
+
 def url_of(address: tuple[str, int]) -> str:
     return f"http://{address[0]}:{address[1]}"
 
