@@ -48,6 +48,13 @@ def write_photos(folder: Path, count: int, start: int = 0) -> list[Path]:
     return paths
 
 
+
+def unanswered_address() -> str:
+    """HOST:PORT of a loopback port nothing listens on."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{probe.getsockname()[1]}"
+
 def metta(*args: str) -> int:
     with pytest.raises(SystemExit) as exit_info:
         main(["embed", *args])
@@ -246,9 +253,7 @@ def test_a_cluster_bucket_or_server_run_into_a_busy_output_is_refused_before_it_
     them exists, so anything but the lock's refusal would be another error, or a wait)."""
     write_photos(tmp_path / "photos", 1)
     out = tmp_path / "out.parquet"
-    with socket.socket() as probe:  # a port nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        nobody = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    nobody = f"http://{unanswered_address()}"
     runs = {"ray": [str(tmp_path / "photos"), "--ray", "127.0.0.1:9", *DUMMY],
             "bucket": ["s3://no-such-bucket/photos/", *DUMMY],
             "server": [str(tmp_path / "photos"), "--server", nobody]}
@@ -282,9 +287,7 @@ def test_a_full_disk_ends_with_a_message_exit_1_and_counts_of_the_rows_written(t
 
 def test_a_server_that_does_not_answer_fails_within_seconds_naming_it(tmp_path, capsys) -> None:
     write_photos(tmp_path / "photos", 1)
-    with socket.socket() as probe:  # a port nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    url = f"http://{unanswered_address()}"
     started = time.monotonic()
     assert metta(str(tmp_path / "photos"), "--out", str(tmp_path / "out.parquet"), "--server", url) == 1
     assert time.monotonic() - started < 10
@@ -294,9 +297,7 @@ def test_a_server_that_does_not_answer_fails_within_seconds_naming_it(tmp_path, 
 
 def test_a_ray_address_where_nothing_answers_fails_within_seconds_naming_it(tmp_path, capsys) -> None:
     write_photos(tmp_path / "photos", 1)
-    with socket.socket() as probe:  # a port nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        address = f"127.0.0.1:{probe.getsockname()[1]}"
+    address = unanswered_address()
     started = time.monotonic()
     assert metta(str(tmp_path / "photos"), "--out", str(tmp_path / "out.parquet"), "--ray", address, *DUMMY) == 1
     assert time.monotonic() - started < 10
