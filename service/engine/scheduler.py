@@ -222,15 +222,21 @@ class Scheduler:
     def admit_auto(self, jobs: Sequence[ImageJob], samples_range: SamplesRange, *,
                    timeout_s: float | None = None) -> Ticket:
         """Queue an auto-S request whose images were planned at the S `auto_samples` gave it before they decoded.
-        The queue may have grown meanwhile, so its S is given again from the queue it joins (at most the planned
-        S) and its plans cut to it: plans are prefix-stable, the first S' views of an S plan are the S' plan.
+        It keeps that S if `admit` would take it; else (the queue grew meanwhile) its S is given again from the
+        queue it joins, below the planned one, and its plans cut to it: plans are prefix-stable, the first S' views
+        of an S plan are the S' plan.
         Refusing it for the S given before its decode turned away requests the queue still had room for at a
         smaller S (auto's images/s with deadlines fell 10-40 %, docs/benchmarks.md)."""
         planned = len(jobs[0].views)
-        samples = self.auto_samples(len(jobs), SamplesRange(min(samples_range.low, planned), planned), timeout_s)
+        requested_crops = samples_range.high * len(jobs)
+        may_wait_s = None if timeout_s is None else timeout_s * AUTO_FLOOR_DEADLINE_SHARE  # as `admit` judges it
+        if self.closed or self.refusal(planned * len(jobs), may_wait_s) is None:
+            return self.admit(jobs, timeout_s=timeout_s, requested_crops=requested_crops)  # its S still fits
+        low = min(samples_range.low, planned)
+        samples = self.auto_samples(len(jobs), SamplesRange(low, max(low, planned - 1)), timeout_s)
         for job in jobs:
             job.keep_first(samples)
-        return self.admit(jobs, timeout_s=timeout_s, requested_crops=samples_range.high * len(jobs))
+        return self.admit(jobs, timeout_s=timeout_s, requested_crops=requested_crops)
 
     def refusal(self, crops: int, timeout_s: float | None) -> ServiceError | None:
         """Why a request of `crops` cannot be admitted now, or None if it can: 429 when the queue is the

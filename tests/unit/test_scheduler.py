@@ -229,6 +229,13 @@ def test_an_auto_request_gets_its_s_again_from_the_queue_it_joins(model) -> None
     assert ticket.requested_crops == 32 and s.queued_crops == 40 + 24
     with pytest.raises(Overloaded):  # refused only when even samples_min does not fit
         s.admit_auto(jobs(model, 32), SamplesRange(4, 32), timeout_s=0.1)
+    # An S that `admit` takes as planned is kept, though a new request would now be given less.
+    s = scheduler(max_queue_crops=4096, chunk_crops=8)
+    s.seconds_per_crop = 0.01
+    s.admit(jobs(model, 40))
+    kept = jobs(model, 28)  # 28 + 32 ahead = 0.6 s: within 0.6 of 1 s, over its half
+    s.admit_auto(kept, SamplesRange(4, 32), timeout_s=1.0)
+    assert len(kept[0].views) == 28 and s.auto_samples(1, SamplesRange(4, 32), timeout_s=1.0) < 28
 
 
 def test_auto_samples_judge_the_smallest_s_with_a_narrower_margin(model) -> None:
