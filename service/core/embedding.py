@@ -61,13 +61,14 @@ class EmbedOptions:
 REDUCED_DECODE_MARGIN = 2.0
 
 
-def decode_reduction(opened: OpenedImage, options: EmbedOptions, model: LoadedModel) -> int:
+def decode_reduction(opened: OpenedImage, options: EmbedOptions, model: LoadedModel, *,
+                     margin: float = REDUCED_DECODE_MARGIN) -> int:
     """The reduced decode (1/1, 1/2, 1/4, 1/8 per side) an image's views allow: planned on its header's
-    upright size, every view keeps at least twice its output size in source pixels (see `views_scale`). The
-    views of a larger S include those of a smaller one (plans are prefix-stable), so an S not known yet
-    may ask with its upper bound."""
+    upright size, every view keeps at least `margin` times its output size in source pixels (see
+    `views_scale`; other margins only for `bench.reduced_decode`). The views of a larger S include those of a
+    smaller one (plans are prefix-stable), so an S not known yet may ask with its upper bound."""
     views = options.policy.plan(opened.height, opened.width, options.samples, options.seed, model.spec.preprocess)
-    return opened.reduction(views_scale(views) * REDUCED_DECODE_MARGIN)
+    return opened.reduction(views_scale(views) * margin)
 
 
 def decode_job(opened: OpenedImage, options: EmbedOptions, model: LoadedModel, reduction: int, *,
