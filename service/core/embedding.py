@@ -56,8 +56,9 @@ class EmbedOptions:
 
 
 # Every view keeps at least twice its output size in source pixels: the antialiased resize then does the final
-# filtering. JPEG's 1/8 decode is one DC value per block (a box filter): with no margin it took 12 MP
-# photos with fine detail to cosine 0.9987 of the full decode, with this one ≥ 0.9996 (docs/benchmarks.md).
+# filtering. JPEG's 1/8 decode is one DC value per block (a box filter): with no margin, 12 MP photos with fine
+# detail fell to cosine 0.9956 of the full decode (center), with this one 0.9985 at worst (median 0.9996); 4
+# reaches 0.999 for about a third more CPU per photo (docs/benchmarks.md).
 REDUCED_DECODE_MARGIN = 2.0
 
 
