@@ -20,6 +20,10 @@ class Progress:
         self._bar = tqdm(total=total, unit="img", file=self.stream, dynamic_ncols=True, smoothing=0.1,
                          disable=not self.stream.isatty())
 
+    def count_from(self, wall_time: float) -> None:
+        """Start the summary's window at `wall_time` (a `time.time()`) when that is later than its start."""
+        self.started = max(self.started, time.perf_counter() - (time.time() - wall_time))
+
     def add_embedded(self, count: int = 1) -> None:
         self.embedded += count
         self._bar.update(count)

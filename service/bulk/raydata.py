@@ -1,14 +1,16 @@
 """A bulk run on a Ray cluster (`metta embed ... --ray [ADDRESS]`), and `embed_dataset` for a Ray Dataset of images.
 
-The job on Ray Data: listing is a Ray task and reading is Ray tasks (`map_batches` over the paths, with the
-local run's reader, `sources.read_source`); decoding and embedding run in an actor pool, one loaded model per
-actor (`num_gpus=1` each where the cluster has GPUs, CPU actors with a set thread count otherwise), through
-the library's `embed_stream`; the rows stream back to the driver, which commits them into the dataset a local
-run writes (dataset.py: the same columns, `metta.*` metadata, errors file, parts renamed into place, resume).
+The job on Ray Data: listing is a Ray task; the paths are a Ray Dataset that `map_batches` hands to an actor
+pool, one loaded model per actor (`num_gpus=1` each where the cluster has GPUs, CPU actors with a set thread
+count otherwise). Each actor reads, hashes and decodes its batch's files on a few threads (the local run's
+`prepare_file`, object storage included) while its model embeds the ones decoded before (`embed_stream`), so
+an image's bytes never travel through the object store; the rows stream back to the driver, which commits
+them into the dataset a local run writes (dataset.py: the same columns, `metta.*` metadata, errors file,
+parts renamed into place, resume).
 
 Every input exactly once, by construction rather than by luck:
 - each listed input is one row of the Ray Dataset, carrying the sha256 the output already holds for its path,
-  so a read task knows by itself what to skip;
+  so an actor knows by itself what to skip;
 - the driver is the dataset's only writer: parts get consecutive names and are renamed into place when
   complete, so a retried task on a lost node never writes a part of its own;
 - a row whose input the driver has already taken (a retried task delivering again) is dropped on commit;
@@ -23,27 +25,31 @@ from __future__ import annotations
 import math
 import os
 import socket
-from collections.abc import Iterator, Sequence
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 import ray.data
 
 from models import ModelOptions
 from service.bulk.dataset import Dataset, ErrorLog, Row
 from service.bulk.files import Inputs, UsageError
-from service.bulk.local import DecodeLimits, Prepared, ordered_map, prepare_bytes
+from service.bulk.local import DecodeLimits, Prepared, ordered_map, prepare_bytes, prepare_file
 from service.bulk.progress import Progress
-from service.bulk.sources import find_inputs, is_uri, read_source
+from service.bulk.sources import find_inputs, is_uri
 from service.core.embedding import ImageJob, embed_stream
 from service.settings import Settings
 
 _DEFAULTS = Settings.model_fields
-READ_THREADS = 8  # reads in flight per read task: object storage answers in milliseconds, not microseconds
-EMBED_BATCH = 16  # images per call of an actor
+EMBED_BATCH = 32  # images per call of an actor: each call ends by draining its decode-ahead, so not too few
+DECODE_THREADS = 2  # per actor: reading and decoding the next images while its model runs
+TASKS_PER_ACTOR = 2  # calls queued at an actor: the next batch is there when one ends, and the run's tail is short
 
 
 class Incomplete(Exception):
@@ -95,14 +101,19 @@ class Placement:
 
 
 class ImageEmbedder:
-    """Ray Data's callable class for `map_batches`: one model per actor, image bytes in, embedding columns out.
+    """Ray Data's callable class for `map_batches`: one model per actor, images in, embedding columns out.
 
-    Decoding runs on a few threads of the actor while its model embeds the images decoded before
+    `column` holds each image's encoded bytes; or, with `reads_files`, each input's path or URI (as the bytes
+    of its name) and the actor reads and hashes it itself, as the local run does (`prepare_file`: a `sha256`
+    column is added, and an input whose `have_sha256` is its hash is not decoded: no embedding, no error; and
+    `ready_at`, the actor's clock when its model had loaded, for the run's summary).
+    Reading and decoding run on a few threads of the actor while its model embeds the images decoded before
     (`ordered_map` feeding `embed_stream`), as in the local run.
     """
 
     def __init__(self, spec: EmbedSpec, column: str, label_column: str | None = None,
-                 fingerprint: str | None = None, decode_threads: int = 2) -> None:
+                 fingerprint: str | None = None, decode_threads: int = DECODE_THREADS,
+                 reads_files: bool = False) -> None:
         from models import create_model
         from service.core.embedding import EmbedOptions
         from service.core.policies import make_policy
@@ -114,34 +125,56 @@ class ImageEmbedder:
         self.spec = spec
         self.column = column
         self.label_column = label_column
+        self.reads_files = reads_files
         self.options = EmbedOptions(spec.samples, make_policy(spec.policy), spec.seed,
                                     return_variance=spec.variance, normalize=spec.normalize,
                                     return_dispersion=spec.dispersion)
         self.pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="metta-ray-decode")
+        self.ahead = 4 * decode_threads
+        self.ready_at = time.time()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        data = batch.column(self.column).to_pylist()
-        labels = ([_text(label) for label in batch.column(self.label_column).to_pylist()] if self.label_column
-                  else [f"row {i}" for i in range(len(data))])
-        kinds = _strings(batch, "error_type", len(data))
-        messages = _strings(batch, "error", len(data))
-        spec, model = self.spec, self.model
+        rows, spec, model = batch.num_rows, self.spec, self.model
+        kinds = _strings(batch, "error_type", rows)
+        messages = _strings(batch, "error", rows)
+        hashes = [""] * rows
+        prepare: Callable[[int], Prepared]
+        if self.reads_files:
+            paths = [_text(path) for path in batch.column(self.column).to_pylist()]
+            have = batch.column("have_sha256").to_pylist()
 
-        def prepare(index: int) -> Prepared:
-            return prepare_bytes(labels[index], "", data[index], model, self.options, spec.limits)
+            def prepare(index: int) -> Prepared:
+                known = {paths[index]: have[index]} if have[index] else {}
+                return prepare_file(paths[index], known, model, self.options, spec.limits)
+
+            todo = [i for i in range(rows) if not kinds[i]]
+        else:
+            data = batch.column(self.column).to_pylist()
+            labels = ([_text(label) for label in batch.column(self.label_column).to_pylist()] if self.label_column
+                      else [f"row {i}" for i in range(rows)])
+
+            def prepare(index: int) -> Prepared:
+                return prepare_bytes(labels[index], "", data[index], model, self.options, spec.limits)
+
+            todo = [i for i in range(rows) if data[i] is not None and not kinds[i]]
 
         def jobs() -> Iterator[tuple[int, ImageJob]]:
-            todo = [i for i in range(len(data)) if data[i] is not None and not kinds[i]]
-            for index, item in zip(todo, ordered_map(self.pool, prepare, todo, ahead=8), strict=True):
+            for index, item in zip(todo, ordered_map(self.pool, prepare, todo, ahead=self.ahead),
+                                   strict=True):
+                hashes[index] = item.sha256
                 if item.job is not None:
                     yield index, item.job
                 elif item.error is not None:
                     kinds[index], messages[index] = item.error
 
         results = dict(embed_stream(model, jobs(), max_batch_crops=spec.max_batch_crops))
-        dim, rows = model.dim, len(data)
+        dim = model.dim
         embedded = np.array([i in results for i in range(rows)])
-        columns = {"embedding": _vector_column([r.embedding for r in results.values()], embedded, dim)}
+        columns: dict[str, pa.Array] = {}
+        if self.reads_files:
+            columns["sha256"] = pa.array(hashes, pa.string())
+            columns["ready_at"] = pa.array([self.ready_at] * rows, pa.float64())
+        columns["embedding"] = _vector_column([r.embedding for r in results.values()], embedded, dim)
         if spec.variance:
             columns["variance"] = _vector_column([r.variance for r in results.values()], embedded, dim)
         if spec.dispersion:
@@ -179,13 +212,15 @@ def embed_dataset(ds: ray.data.Dataset, *, column: str = "bytes", model: str = s
 
 
 def _embed_on_actors(ds: ray.data.Dataset, spec: EmbedSpec, placement: Placement, *, column: str,
-                     label_column: str | None, batch_size: int = EMBED_BATCH,
-                     fingerprint: str | None = None) -> ray.data.Dataset:
+                     label_column: str | None, batch_size: int = EMBED_BATCH, fingerprint: str | None = None,
+                     reads_files: bool = False) -> ray.data.Dataset:
     return ds.map_batches(ImageEmbedder, fn_constructor_kwargs={"spec": spec, "column": column,
                                                                 "label_column": label_column,
-                                                                "fingerprint": fingerprint},
+                                                                "fingerprint": fingerprint,
+                                                                "reads_files": reads_files},
                           batch_size=batch_size, batch_format="pyarrow",
-                          compute=ray.data.ActorPoolStrategy(size=placement.actors),
+                          compute=ray.data.ActorPoolStrategy(size=placement.actors,
+                                                             max_tasks_in_flight_per_actor=TASKS_PER_ACTOR),
                           num_gpus=placement.gpus or None, num_cpus=0 if placement.gpus else placement.threads)
 
 
@@ -261,38 +296,28 @@ def run_ray(files: list[str], dataset: Dataset, errors: ErrorLog, progress: Prog
     # Paths travel as the bytes of the name (a name that is not UTF-8 is not an Arrow string).
     inputs = pa.table({"path": pa.array([os.fsencode(path) for path in files], pa.binary()),
                        "have_sha256": pa.array([dataset.known.get(path, "") for path in files], pa.string())})
-    # Blocks small enough to keep every actor busy (one block is one read task, its batches go to one actor),
-    # large enough that a catalogue of millions is not millions of tasks.
-    rows_per_block = max(EMBED_BATCH, min(256, math.ceil(len(files) / (8 * placement.actors))))
+    # Blocks of whole actor batches (one block is one actor task): at least 8 per actor, so that the actors
+    # share the work evenly to the end, and at most 32 batches each, so that a catalogue of millions is not
+    # millions of tasks. (A task lost with its node is retried by Ray, up to its default 3 times.)
+    batches = max(1, min(32, math.ceil(len(files) / (8 * placement.actors * EMBED_BATCH))))
+    rows_per_block = batches * EMBED_BATCH
     blocks = [inputs.slice(start, rows_per_block) for start in range(0, len(files), rows_per_block)]
-    ds = ray.data.from_arrow(blocks)
-    # Reading reserves no CPU, so the actors may hold all of them; the number of read tasks at once is bounded.
-    # (A task lost with its node is retried by Ray: system failures, up to Ray's default 3 times.)
-    ds = ds.map_batches(read_batch, batch_size=None, batch_format="pyarrow", num_cpus=0,
-                        fn_kwargs={"max_bytes": spec.limits.max_bytes},
-                        compute=ray.data.TaskPoolStrategy(size=max(2, placement.actors)))
-    ds = _embed_on_actors(ds, spec, placement, column="bytes", label_column="path",
-                          fingerprint=dataset.run.model_fingerprint)
-    ds = ds.drop_columns(["bytes", "have_sha256"])
+    ds = _embed_on_actors(ray.data.from_arrow(blocks), spec, placement, column="path", label_column=None,
+                          fingerprint=dataset.run.model_fingerprint, reads_files=True)
+    # No operator after the actors: one would need a CPU of its own, and the actors hold them all.
     seen: set[str] = set()
+    began, first_ready = time.time(), math.inf
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        first_ready = min(first_ready, pc.min(batch.column("ready_at")).as_py())
         commit(batch, seen, dataset, errors, progress)
+    if first_ready < math.inf:
+        # As a local run's rate counts from after its model loaded, this one counts from its first actor's.
+        progress.count_from(first_ready)
+        print(f"metta embed: the first of {placement.actors} actors was ready {first_ready - began:.1f} s after the "
+              "job began (its process, imports and model load); the rate counts from then", file=sys.stderr)
     missing = len(files) - len(seen)
     if missing:
         raise Incomplete(f"{missing} of {len(files)} inputs never came back from the cluster; run again to embed them")
-
-
-def read_batch(batch: pa.Table, max_bytes: int) -> pa.Table:
-    """A read task: each path's bytes and sha256, or why it is bad; no bytes when the output already has it."""
-    paths = [os.fsdecode(path) for path in batch.column("path").to_pylist()]
-    have = batch.column("have_sha256").to_pylist()
-    with ThreadPoolExecutor(min(READ_THREADS, max(1, len(paths)))) as pool:
-        items = list(pool.map(lambda p, h: read_source(p, {p: h} if h else {}, max_bytes), paths, have))
-    return batch.append_column("sha256", pa.array([item.sha256 for item in items], pa.string())) \
-        .append_column("bytes", pa.array([item.data for item in items], pa.binary())) \
-        .append_column("error_type", pa.array([item.error[0] if item.error else None for item in items],
-                                              pa.string())) \
-        .append_column("error", pa.array([item.error[1] if item.error else None for item in items], pa.string()))
 
 
 def commit(batch: pa.Table, seen: set[str], dataset: Dataset, errors: ErrorLog, progress: Progress) -> None:

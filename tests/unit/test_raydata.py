@@ -1,7 +1,9 @@
-"""The Ray runner's pieces without a cluster: the actor's batch function, the read task, the driver's commit."""
+"""The Ray runner's pieces without a cluster: the actor's batch function (given bytes, or reading files itself),
+the driver's commit."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from service.core.embedding import embed
 from tests.e2e.object_storage import require_module
 
 require_module("ray", "pip install 'metta-serve[ray]'; requirements-dev.lock pins it")
-from service.bulk.raydata import EmbedSpec, ImageEmbedder, commit, read_batch  # noqa: E402
+from service.bulk.raydata import EmbedSpec, ImageEmbedder, commit  # noqa: E402
 
 DUMMY = ModelOptions(mode="eager")
 
@@ -49,18 +51,21 @@ def test_the_actor_adds_the_librarys_embeddings_and_says_which_images_it_refused
                                rtol=1e-4, atol=1e-6)
 
 
-def test_a_row_delivered_twice_is_committed_once_and_read_tasks_skip_what_is_there(tmp_path: Path) -> None:
+def test_a_row_delivered_twice_is_committed_once_and_actors_reading_files_skip_what_is_there(tmp_path: Path) -> None:
     for i in range(3):
         (tmp_path / f"p{i}.jpg").write_bytes(jpeg(i))
     paths = [str(tmp_path / f"p{i}.jpg") for i in range(3)] + [str(tmp_path / "gone.jpg")]
     names = [path.encode() for path in paths]
-    read = read_batch(pa.table({"path": names, "have_sha256": ["", "", "", ""]}), max_bytes=1 << 20)
-    assert read.column("error_type").to_pylist() == [None, None, None, "unreadable"]
-    sha = read.column("sha256").to_pylist()
-    again = read_batch(pa.table({"path": names[:2], "have_sha256": [sha[0], "stale"]}), max_bytes=1 << 20)
-    assert again.column("bytes").to_pylist()[0] is None and again.column("bytes").to_pylist()[1] is not None
+    actor = ImageEmbedder(EmbedSpec("dummy", DUMMY, "center", 1), column="path", reads_files=True)
+    embedded = actor(pa.table({"path": names, "have_sha256": ["", "", "", ""]}))
+    assert embedded.column("error_type").to_pylist() == [None, None, None, "unreadable"]
+    assert "gone.jpg could not be read" in embedded.column("error").to_pylist()[3]
+    sha = embedded.column("sha256").to_pylist()
+    assert sha[:3] == [hashlib.sha256(jpeg(i)).hexdigest() for i in range(3)]
+    again = actor(pa.table({"path": names[:2], "have_sha256": [sha[0], "stale"]}))
+    assert again.column("embedding").to_pylist()[0] is None and again.column("error_type").to_pylist()[0] is None
+    assert again.column("embedding").to_pylist()[1] is not None
 
-    embedded = ImageEmbedder(EmbedSpec("dummy", DUMMY, "center", 1), column="bytes", label_column="path")(read)
     model = create_model("dummy", DUMMY)
     run = RunSettings(model.name, model.fingerprint, "center", 1, 0)
     dataset = Dataset(tmp_path / "out.parquet", run, model.dim, part_rows=2)
