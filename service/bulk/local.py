@@ -9,16 +9,16 @@ allow, only while a worker decodes), and results leave for the dataset as soon a
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
 from models import LoadedModel
 from service.bulk.dataset import Dataset, ErrorLog, Row
-from service.bulk.files import display_path
+from service.bulk.files import InputFile, display_path
 from service.bulk.progress import Progress
-from service.bulk.sources import read_source
+from service.bulk.sources import is_uri, read_source
 from service.core.decode import open_image
 from service.core.embedding import EmbedOptions, ImageJob, decode_job, decode_reduction, embed_stream
 from service.core.errors import ServiceError
@@ -26,6 +26,7 @@ from service.core.options import PolicyError
 
 T = TypeVar("T")
 R = TypeVar("R")
+READ_THREADS = 8  # objects read at once from a store: each answers in milliseconds, a decoder should not wait
 
 
 @dataclass
@@ -48,14 +49,10 @@ class DecodeLimits:
 def run_local(files: list[str], dataset: Dataset, errors: ErrorLog, progress: Progress, *, model: LoadedModel,
               options: EmbedOptions, limits: DecodeLimits, workers: int, max_batch_crops: int) -> None:
     known = dict(dataset.known)  # a snapshot: the pool's threads read it while the dataset grows
-
-    def prepare(path: str) -> Prepared:
-        return prepare_file(path, known, model, options, limits)
-
     pool = ThreadPoolExecutor(workers, thread_name_prefix="metta-embed-decode")
     try:
         def jobs() -> Iterator[tuple[Prepared, ImageJob]]:
-            for item in ordered_map(pool, prepare, files, ahead=4 * workers):
+            for item in prepare_files(files, known, model, options, limits, pool=pool, ahead=4 * workers):
                 if item.job is not None:
                     yield item, item.job
                 elif item.error is not None:
@@ -72,14 +69,32 @@ def run_local(files: list[str], dataset: Dataset, errors: ErrorLog, progress: Pr
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def prepare_file(path: str, known: Mapping[str, str], model: LoadedModel, options: EmbedOptions,
-                 limits: DecodeLimits) -> Prepared:
-    """Read and hash the file; unless the dataset has it as it is now, decode it and plan its views (off the
-    main thread)."""
-    read = read_source(path, known, limits.max_bytes)
+def prepare_files(files: Sequence[str], known: Mapping[str, str], model: LoadedModel, options: EmbedOptions,
+                  limits: DecodeLimits, *, pool: ThreadPoolExecutor, ahead: int) -> Iterator[Prepared]:
+    """Each file read, hashed and (unless the dataset has it as it is now) decoded and planned on `pool`, at
+    most `ahead` in front, in input order.
+
+    Objects in a store (URIs) are read on READ_THREADS threads of their own, up to 2 x READ_THREADS ahead of
+    the decoders (their bytes held meanwhile), so a request's round trip never holds a decoding thread.
+    Local files are read by the decoding thread itself: a read from disk or the page cache is quick."""
+    if not any(is_uri(path) for path in files):
+        yield from ordered_map(pool, lambda path: prepared(read_source(path, known, limits.max_bytes), model,
+                                                            options, limits), files, ahead=ahead)
+        return
+    readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="metta-embed-read")
+    try:
+        reads = ordered_map(readers, lambda path: read_source(path, known, limits.max_bytes), files,
+                            ahead=2 * READ_THREADS)
+        yield from ordered_map(pool, lambda read: prepared(read, model, options, limits), reads, ahead=ahead)
+    finally:
+        readers.shutdown(wait=False, cancel_futures=True)
+
+
+def prepared(read: InputFile, model: LoadedModel, options: EmbedOptions, limits: DecodeLimits) -> Prepared:
+    """A file as read: why it is bad, already in the dataset (no bytes), or decoded and planned."""
     if read.data is None:
-        return Prepared(path, read.sha256, error=read.error)
-    return prepare_bytes(path, read.sha256, read.data, model, options, limits)
+        return Prepared(read.path, read.sha256, error=read.error)
+    return prepare_bytes(read.path, read.sha256, read.data, model, options, limits)
 
 
 def prepare_bytes(path: str, sha256: str, data: bytes, model: LoadedModel, options: EmbedOptions,

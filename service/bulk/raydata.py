@@ -3,7 +3,7 @@
 The job on Ray Data: listing is a Ray task; the paths are a Ray Dataset that `map_batches` hands to an actor
 pool, one loaded model per actor (`num_gpus=1` each where the cluster has GPUs, CPU actors with a set thread
 count otherwise). Each actor reads, hashes and decodes its batch's files on a few threads (the local run's
-`prepare_file`, object storage included) while its model embeds the ones decoded before (`embed_stream`), so
+`prepare_files`, object storage included) while its model embeds the ones decoded before (`embed_stream`), so
 an image's bytes never travel through the object store; the rows stream back to the driver, which commits
 them into the dataset a local run writes (dataset.py: the same columns, `metta.*` metadata, errors file,
 parts renamed into place, resume).
@@ -27,7 +27,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -40,7 +40,7 @@ import ray.data
 from models import ModelOptions
 from service.bulk.dataset import Dataset, ErrorLog, Row
 from service.bulk.files import Inputs, UsageError
-from service.bulk.local import DecodeLimits, Prepared, ordered_map, prepare_bytes, prepare_file
+from service.bulk.local import DecodeLimits, Prepared, ordered_map, prepare_bytes, prepare_files
 from service.bulk.progress import Progress
 from service.bulk.sources import find_inputs, is_uri
 from service.core.embedding import ImageJob, embed_stream
@@ -104,7 +104,7 @@ class ImageEmbedder:
     """Ray Data's callable class for `map_batches`: one model per actor, images in, embedding columns out.
 
     `column` holds each image's encoded bytes; or, with `reads_files`, each input's path or URI (as the bytes
-    of its name) and the actor reads and hashes it itself, as the local run does (`prepare_file`: a `sha256`
+    of its name) and the actor reads and hashes it itself, as the local run does (`prepare_files`: a `sha256`
     column is added, and an input whose `have_sha256` is its hash is not decoded: no embedding, no error; and
     `ready_at`, the actor's clock when its model had loaded, for the run's summary).
     Reading and decoding run on a few threads of the actor while its model embeds the images decoded before
@@ -138,16 +138,14 @@ class ImageEmbedder:
         kinds = _strings(batch, "error_type", rows)
         messages = _strings(batch, "error", rows)
         hashes = [""] * rows
-        prepare: Callable[[int], Prepared]
+        items: Iterator[Prepared]
         if self.reads_files:
             paths = [_text(path) for path in batch.column(self.column).to_pylist()]
-            have = batch.column("have_sha256").to_pylist()
-
-            def prepare(index: int) -> Prepared:
-                known = {paths[index]: have[index]} if have[index] else {}
-                return prepare_file(paths[index], known, model, self.options, spec.limits)
-
+            known = {path: have for path, have in zip(paths, batch.column("have_sha256").to_pylist(), strict=True)
+                     if have}
             todo = [i for i in range(rows) if not kinds[i]]
+            items = prepare_files([paths[i] for i in todo], known, model, self.options, spec.limits,
+                                  pool=self.pool, ahead=self.ahead)
         else:
             data = batch.column(self.column).to_pylist()
             labels = ([_text(label) for label in batch.column(self.label_column).to_pylist()] if self.label_column
@@ -157,10 +155,10 @@ class ImageEmbedder:
                 return prepare_bytes(labels[index], "", data[index], model, self.options, spec.limits)
 
             todo = [i for i in range(rows) if data[i] is not None and not kinds[i]]
+            items = ordered_map(self.pool, prepare, todo, ahead=self.ahead)
 
         def jobs() -> Iterator[tuple[int, ImageJob]]:
-            for index, item in zip(todo, ordered_map(self.pool, prepare, todo, ahead=self.ahead),
-                                   strict=True):
+            for index, item in zip(todo, items, strict=True):
                 hashes[index] = item.sha256
                 if item.job is not None:
                     yield index, item.job

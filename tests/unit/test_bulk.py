@@ -13,6 +13,7 @@ import torch
 from models import ModelOptions, create_model
 from service.bulk.dataset import Dataset, Row, RunSettings
 from service.bulk.files import UsageError, find_images
+from service.bulk.sources import read_source
 from service.client import Limits, plan_requests
 from service.core.embedding import EmbedOptions, ImageJob, embed_stream
 from service.core.policies import make_policy
@@ -160,3 +161,44 @@ def test_requests_are_split_by_images_crops_and_bytes() -> None:
     assert plan_requests([100] * 5, 1, limits, images_per_request=2) == [range(0, 2), range(2, 4), range(4, 5)]
     assert plan_requests([6_000, 6_000, 20_000, 10], 1, limits) == [range(0, 1), range(1, 2), range(2, 3),
                                                                     range(3, 4)]  # too big alone: the server says
+
+
+def test_objects_in_a_store_are_read_ahead_on_threads_of_their_own(tmp_path: Path, monkeypatch, dummy) -> None:
+    """A store's round trip must not hold a decoding thread: with 2 decoders, many objects are in flight."""
+    import io
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    from service.bulk import local
+
+    uris = []
+    for i in range(24):
+        buffer = io.BytesIO()
+        Image.new("RGB", (40 + i, 30), (i, 2 * i, 3 * i)).save(buffer, "PNG")
+        (tmp_path / f"p{i:02d}.png").write_bytes(buffer.getvalue())
+        uris.append(f"file://{tmp_path}/p{i:02d}.png")
+    in_flight, most, lock = 0, 0, threading.Lock()
+
+    def slow_read(path: str, known, max_bytes: int):  # a store answering in 50 ms
+        nonlocal in_flight, most
+        with lock:
+            in_flight += 1
+            most = max(most, in_flight)
+        time.sleep(0.05)
+        with lock:
+            in_flight -= 1
+        return read_source(path, known, max_bytes)
+
+    monkeypatch.setattr(local, "read_source", slow_read)
+    options = EmbedOptions(1, make_policy("center"), 0)
+    limits = local.DecodeLimits(10**8, 10**5, 1 << 20)
+    with ThreadPoolExecutor(2) as pool:
+        started = time.perf_counter()
+        items = list(local.prepare_files(uris, {}, dummy, options, limits, pool=pool, ahead=8))
+        seconds = time.perf_counter() - started
+    assert [item.path for item in items] == uris and all(item.job is not None for item in items)
+    assert most >= 4, most  # 2 at most when the decoding threads read
+    assert seconds < 24 * 0.05 / 3, seconds
