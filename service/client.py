@@ -18,6 +18,7 @@ import base64
 import itertools
 import os
 import random
+import re
 import secrets
 import time
 from collections.abc import Sequence
@@ -208,11 +209,23 @@ def _requests(images: Sequence[ImageInput], samples: int | None, limits: Limits,
             for group in groups]
 
 
+_REQUEST_IMAGE = re.compile(r"images\[(\d+)\]")  # how the server names an image: its place in that request
+
+
+def _naming_inputs(error: MettaError, indices: list[int]) -> MettaError:
+    """The refusal with the image it names numbered as in the call: the server counts a split call's images
+    within each request, and a skipped image is sent alone (so it was always `images[0]`)."""
+    found = _REQUEST_IMAGE.match(error.message)
+    if found is None or int(found[1]) >= len(indices):
+        return error
+    return MettaError(error.status, error.type, f"images[{indices[int(found[1])]}]{error.message[found.end():]}")
+
+
 def _split_on_refusal(error: MettaError, part: _Part, on_error: OnError) -> list[_Part] | None:
     """After a refused request: the single-image requests to try instead, or None when `part` is one image
     (its error is the image's); raises when the refusal is not an image's fault or errors are not skipped."""
     if on_error == "raise" or error.status not in _PER_IMAGE_STATUS:
-        raise error
+        raise error from None
     indices, files = part
     if len(indices) == 1:
         return None
@@ -375,10 +388,11 @@ class Client:
             part = pending.pop()
             try:
                 replies.append((part[0], self._send("POST", path, data=form, files=part[1]).json()))
-            except MettaError as exc:
-                singles = _split_on_refusal(exc, part, on_error)
+            except MettaError as refusal:
+                error = _naming_inputs(refusal, part[0])
+                singles = _split_on_refusal(error, part, on_error)
                 if singles is None:
-                    errors[part[0][0]] = exc
+                    errors[part[0][0]] = error
                 else:
                     pending.extend(reversed(singles))
         return replies
@@ -472,10 +486,11 @@ class AsyncClient:
                 async with self._slots:
                     reply: dict[str, Any] = (await self._send("POST", path, data=form, files=part[1])).json()
                 return [(part[0], reply)]
-            except MettaError as exc:
-                singles = _split_on_refusal(exc, part, on_error)
+            except MettaError as refusal:
+                error = _naming_inputs(refusal, part[0])
+                singles = _split_on_refusal(error, part, on_error)
                 if singles is None:
-                    errors[part[0][0]] = exc
+                    errors[part[0][0]] = error
                     return []
                 return [reply for done in await asyncio.gather(*(one(single) for single in singles))
                         for reply in done]

@@ -130,7 +130,9 @@ class Picky(Script):
         body = request.read()
         if request.url.path != "/v1/models" and b'\r\n\r\n!' in body:
             self.posts.append(request)
-            return httpx.Response(400, json={"error": {"type": "invalid_image", "message": "images[0]: not an image"}})
+            firsts = [part.split(b"\r\n\r\n", 1)[1][:1] for part in body.split(b'name="images"')[1:]]
+            message = f"images[{firsts.index(b'!')}] could not be decoded"  # its place in this request
+            return httpx.Response(400, json={"error": {"type": "invalid_image", "message": message}})
         if request.url.path == "/v1/classify":
             self.posts.append(request)
             count = body.count(b'name="images"')
@@ -164,6 +166,15 @@ def test_on_error_skip_returns_the_good_images_with_each_bad_ones_error_and_rais
     again = asyncio.run(go())
     assert again.indices.tolist() == [0, 2, 3] and sorted(again.errors) == [1, 4]
     np.testing.assert_array_equal(again.embeddings, result.embeddings)
+    for skipped in (result, again):  # each error names its image as the call numbers them, not as sent alone
+        assert [skipped.errors[i].message for i in (1, 4)] == [f"images[{i}] could not be decoded" for i in (1, 4)]
+
+
+def test_a_refusal_names_the_bad_image_by_its_place_in_the_call_not_in_its_request() -> None:
+    images = [b"a", b"b", b"c", b"!"]  # two requests of two (the server's max_images): "!" is images[1] of the second
+    with Client("http://metta", transport=httpx.MockTransport(Picky())) as client, \
+            pytest.raises(MettaError, match=r"images\[3\] could not be decoded"):
+        client.embed(images)
 
 
 def test_classify_sync_and_async_gives_labels_per_image_in_order() -> None:
