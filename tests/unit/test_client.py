@@ -130,8 +130,8 @@ class Picky(Script):
         body = request.read()
         if request.url.path != "/v1/models" and b'\r\n\r\n!' in body:
             self.posts.append(request)
-            firsts = [part.split(b"\r\n\r\n", 1)[1][:1] for part in body.split(b'name="images"')[1:]]
-            message = f"images[{firsts.index(b'!')}] could not be decoded"  # its place in this request
+            leads = [part.split(b"\r\n\r\n", 1)[1][:1] for part in body.split(b'name="images"')[1:]]
+            message = f"images[{leads.index(b'!')}] could not be decoded"  # its place in this request
             return httpx.Response(400, json={"error": {"type": "invalid_image", "message": message}})
         if request.url.path == "/v1/classify":
             self.posts.append(request)
