@@ -1,4 +1,4 @@
-"""GET /v1/models: the model this server serves, its fingerprint, what it can do and a request's limits."""
+"""GET /v1/models and /v1/models/{id}: the model served, its fingerprint, what it can do and the limits."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from service.api.errors import ERROR_RESPONSES
 from service.api.openai_compat import SERVED_SINCE, request_limits
 from service.api.schemas import EndpointDefault, ModelCard, ModelsResponse, PolicyFigures
 from service.api.state import state_of
+from service.core.errors import NotFound
 from service.settings import Settings
 
 router = APIRouter(dependencies=[Depends(authorize)])
@@ -21,13 +22,25 @@ router = APIRouter(dependencies=[Depends(authorize)])
 
 @router.get("/v1/models", response_model=ModelsResponse, responses=ERROR_RESPONSES)
 async def list_models(request: Request) -> ModelsResponse:
+    return ModelsResponse(data=[model_card(request)])
+
+
+@router.get("/v1/models/{model_id}", response_model=ModelCard, responses=ERROR_RESPONSES)
+async def retrieve_model(model_id: str, request: Request) -> ModelCard:
+    """The served model's card by its id (OpenAI's `client.models.retrieve(id)`); 404 for any other id."""
+    card = model_card(request)
+    if model_id != card.id:
+        raise NotFound(f"model {model_id!r}: this server serves {card.id!r} only (GET /v1/models)")
+    return card
+
+
+def model_card(request: Request) -> ModelCard:
     state = state_of(request)
     loaded, settings = state.serving_model(), state.settings
-    card = ModelCard(name=loaded.name, dim=loaded.dim, default=True, fingerprint=loaded.fingerprint,
+    return ModelCard(name=loaded.name, dim=loaded.dim, default=True, fingerprint=loaded.fingerprint,
                      device=str(loaded.device), dtype=loaded.dtype, mode=loaded.mode,
                      preprocess=asdict(loaded.spec.preprocess), decoding=loaded.decoding, id=loaded.name,
                      created=SERVED_SINCE, limits=request_limits(settings), **task_card(loaded, settings))
-    return ModelsResponse(data=[card])
 
 
 def task_card(model: LoadedModel, settings: Settings) -> dict[str, object]:

@@ -68,3 +68,13 @@ async def test_models_list_has_openais_fields_and_the_request_limits() -> None:
     assert (card["id"], card["object"], card["owned_by"]) == ("dummy", "model", "metta-serve")
     assert isinstance(card["created"], int) and card["created"] > 1_600_000_000
     assert card["limits"]["max_images"] == 7 and card["limits"]["max_body_bytes"] > 0
+
+
+async def test_the_served_model_is_retrieved_by_its_id_as_openais_client_asks() -> None:
+    async with serve() as client:
+        listed = (await client.get("/v1/models")).json()["data"][0]
+        one = await client.get("/v1/models/dummy")
+        other = await client.get("/v1/models/resnet50")
+    assert one.status_code == 200 and one.json() == listed
+    assert other.status_code == 404 and other.json()["error"]["type"] == "not_found"
+    assert "resnet50" in other.json()["error"]["message"] and "dummy" in other.json()["error"]["message"]
