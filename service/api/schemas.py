@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -284,7 +285,9 @@ def unknown_option(name: str, schema: type[BaseModel]) -> str:
     owners = [path for path, options in _ENDPOINT_OPTIONS.items()
               if name in options.model_fields and not issubclass(schema, options)]
     if name in ViewOptionsIn.model_fields or not owners:
-        return f"{name}: unknown option"
+        # A near miss ("sample", "Seed", "return_varience") names the option meant.
+        meant = difflib.get_close_matches(name.strip().lower(), schema.model_fields, n=1, cutoff=0.8)
+        return f"{name}: unknown option" + (f"; did you mean {meant[0]!r}?" if meant else "")
     endpoint = "an embedding-only" if owners == ["/v1/embeddings"] else "a classify-only"
     return f"{name}: {endpoint} option (of {' and '.join(owners)}); this endpoint does not take it"
 

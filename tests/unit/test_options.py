@@ -130,5 +130,14 @@ def test_a_field_of_several_types_gets_one_readable_message_and_unknown_options_
         parse_form_options({"colour": "blue"})
     assert json_error.value.message == form_error.value.message == "colour: unknown option"
     for name in ("my-option", "2fast", "Samples "):  # not identifiers: still named, not taken for type tags
-        with pytest.raises(InvalidOption, match=f"^{name}: unknown option$"):
+        with pytest.raises(InvalidOption, match=f"^{name}: unknown option"):
             validate_options({name: 1})
+
+
+@pytest.mark.parametrize(("sent", "meant"), [("sample", "samples"), ("Seed", "seed"),
+                                             ("return_varience", "return_variance"), ("Samples ", "samples")])
+def test_a_misspelt_option_names_the_one_meant_in_both_encodings(sent: str, meant: str) -> None:
+    for parse in (validate_options, parse_form_options):
+        with pytest.raises(InvalidOption) as error:
+            parse({sent: "1"})
+        assert error.value.message == f"{sent}: unknown option; did you mean {meant!r}?"
