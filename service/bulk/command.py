@@ -300,12 +300,16 @@ def _session(out: Path, run: RunSettings, dim: int, inputs: Inputs, args: argpar
     dataset.open(overwrite=args.overwrite)
     errors = ErrorLog(errors_path(out))
     progress = Progress(len(inputs.files) + len(inputs.skipped))
+    interrupted = False
     try:
         for path, kind, message in inputs.skipped:
             errors.add(path, kind, message)
             progress.add_bad()
         yield dataset, errors, progress
         dataset.finish()
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
     finally:
         try:
             dataset.flush()  # every buffered row is complete: keep it (a no-op after finish)
@@ -313,7 +317,7 @@ def _session(out: Path, run: RunSettings, dim: int, inputs: Inputs, args: argpar
             errors.close()
             progress.close()
             print(progress.summary(str(out), str(errors.path), written=dataset.written,
-                                   replaced=dataset.replaced, retried=retried()), flush=True)
+                                   replaced=dataset.replaced, retried=retried(), interrupted=interrupted), flush=True)
 
 
 def _exit_code(dataset: Dataset, progress: Progress) -> int:

@@ -39,12 +39,16 @@ class Progress:
     def close(self) -> None:
         self._bar.close()
 
-    def summary(self, out: str, errors: str, *, written: int, replaced: int = 0, retried: int = 0) -> str:
-        """`written`: the rows this run wrote to the output (not those computed and lost to a failed write)."""
+    def summary(self, out: str, errors: str, *, written: int, replaced: int = 0, retried: int = 0,
+                interrupted: bool = False) -> str:
+        """`written`: the rows this run wrote to the output (not those computed and lost to a failed write);
+        `interrupted`: Ctrl-C ended the run, so the counts are partial and the same command resumes it."""
         seconds = time.perf_counter() - self.started
         rate = written / seconds if seconds > 0 else 0.0
         bad = f"{self.bad} skipped as bad" + (f" (listed in {errors})" if self.bad else "")
         stale = f" ({replaced} replacing the stale row of a changed file)" if replaced else ""
         retries = f", {retried} requests retried" if retried else ""
-        return (f"metta embed: {written} embedded{stale}, {self.already} already present, {bad}{retries}; "
-                f"{seconds:.1f} s ({rate:.1f} images/s) -> {out}")
+        cut_short, resume = ("interrupted (Ctrl-C) after ", "; the same command again resumes") if interrupted \
+            else ("", "")
+        return (f"metta embed: {cut_short}{written} embedded{stale}, {self.already} already present, {bad}{retries}; "
+                f"{seconds:.1f} s ({rate:.1f} images/s) -> {out}{resume}")

@@ -152,10 +152,13 @@ def test_ctrl_c_keeps_the_finished_rows_and_exits_130(tmp_path, monkeypatch, cap
     out = tmp_path / "out.parquet"
     assert metta(str(tmp_path / "photos"), "--out", str(out), *DUMMY) == 130
     assert pq.read_table(out).num_rows == 3
-    assert "3 embedded" in capsys.readouterr().out
+    summary = capsys.readouterr().out  # says the run was cut short, and how to finish it
+    assert summary.startswith("metta embed: interrupted (Ctrl-C) after 3 embedded"), summary
+    assert summary.rstrip().endswith("; the same command again resumes"), summary
     monkeypatch.setattr(service.bulk.local, "embed_stream", real_stream)
     assert metta(str(tmp_path / "photos"), "--out", str(out), *DUMMY) == 0
-    assert "5 embedded, 3 already present" in capsys.readouterr().out
+    summary = capsys.readouterr().out
+    assert "5 embedded, 3 already present" in summary and "interrupted" not in summary
 
 
 def test_npy_output_keeps_todays_behaviour(tmp_path, capsys) -> None:
