@@ -290,8 +290,12 @@ def _error(response: httpx.Response) -> MettaError:
     try:
         body = response.json()["error"]
         return MettaError(response.status_code, str(body["type"]), str(body["message"]))
-    except (ValueError, KeyError, TypeError):
-        return MettaError(response.status_code, "http_error", response.text[:200])
+    except (ValueError, KeyError, TypeError):  # not metta-serve's error envelope: a proxy, or another server
+        body = repr(response.text[:200]) if response.text.strip() else "no body"
+        return MettaError(response.status_code, "http_error",
+                          f"{response.request.method} {response.request.url} answered {response.status_code} "
+                          f"{response.reason_phrase} with {body}, not metta-serve's JSON error: is this a "
+                          f"metta-serve URL?")
 
 
 def _delay_or_raise(response: httpx.Response | None, attempt: int, retries: int) -> float:

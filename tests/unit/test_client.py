@@ -200,3 +200,15 @@ def test_retries_are_counted() -> None:
     with Client("http://metta", transport=httpx.MockTransport(script)) as client:
         client.embed([b"x"], seed=3)
         assert client.retried == 2
+
+
+def test_a_reply_that_is_not_metta_serves_names_the_url_and_asks_whether_it_is_one() -> None:
+    def elsewhere(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(404)  # another web server at that URL: a bare 404
+
+    with Client("http://metta", transport=httpx.MockTransport(elsewhere)) as client, \
+            pytest.raises(MettaError) as error:
+        client.ready()
+    assert error.value.status == 404 and error.value.type == "http_error"
+    assert error.value.message == ("GET http://metta/readyz answered 404 Not Found with no body, not metta-serve's "
+                                   "JSON error: is this a metta-serve URL?")
