@@ -233,8 +233,9 @@ def _remote(args: argparse.Namespace, out: Path, workers: int) -> int:
                 raise RemoteFailed(f"--server {args.server}: nothing answers there "
                                    f"({type(exc).__name__}: {exc or 'no reply'}); is metta-serve running?") from None
             except MettaError as exc:
-                if exc.status in (401, 403):
-                    raise UsageError(f"--server {args.server}: {exc}") from None
+                if exc.status in (401, 403):  # the fix is this command's flag, not the HTTP header the server names
+                    fix = "the key given is not one it accepts" if api_key else "give its key with --api-key-file FILE"
+                    raise UsageError(f"--server {args.server} asks for an API key ({exc.status}): {fix}") from None
                 raise RemoteFailed(f"--server {args.server}: {exc}") from None
             if args.model is not None and args.model != card["name"]:
                 raise UsageError(f"--model {args.model}: the server at {args.server} serves {card['name']}")

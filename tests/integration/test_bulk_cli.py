@@ -298,6 +298,19 @@ def test_a_server_that_does_not_answer_fails_within_seconds_naming_it(tmp_path, 
 
 
 
+def test_a_server_that_wants_a_key_names_the_flag_that_gives_it(tmp_path, capsys) -> None:
+    write_photos(tmp_path / "photos", 1)
+    (tmp_path / "wrong").write_text("not-the-key\n")
+    with running_server(api_keys="the-key") as (address, _, _):
+        assert metta(str(tmp_path / "photos"), "--out", str(tmp_path / "a.parquet"), "--server", url_of(address)) == 2
+        assert capsys.readouterr().err.rstrip().endswith(
+            "asks for an API key (401): give its key with --api-key-file FILE")
+        assert metta(str(tmp_path / "photos"), "--out", str(tmp_path / "b.parquet"), "--server", url_of(address),
+                     "--api-key-file", str(tmp_path / "wrong")) == 2
+        assert capsys.readouterr().err.rstrip().endswith(
+            "asks for an API key (401): the key given is not one it accepts")
+
+
 def test_a_ray_address_where_nothing_answers_fails_within_seconds_naming_it(tmp_path, capsys) -> None:
     write_photos(tmp_path / "photos", 1)
     address = unanswered_address()
