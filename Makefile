@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml requirements.lock requirements-dev.lock
 	$(BIN)/pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-venv: $(STAMP)  ## make .venv and install the locked dependencies (about 6.4 GB, 5-15 min; see README)
+venv: $(STAMP)  ## make .venv and install the locked dependencies (about 7 GB, 3 GB downloaded; see README)
 
 serve: venv  ## serve the default model on 127.0.0.1:8000 (no OpenVINO telemetry)
 	$(NO_TELEMETRY) $(BIN)/metta-serve
