@@ -308,7 +308,7 @@ def _session(out: Path, run: RunSettings, dim: int, inputs: Inputs, args: argpar
             progress.add_bad()
         yield dataset, errors, progress
         dataset.finish()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):  # Ctrl-C: asyncio.run cancels a --server run's task
         interrupted = True
         raise
     finally:

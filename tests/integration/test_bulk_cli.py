@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import http.client
 import io
@@ -159,6 +160,28 @@ def test_ctrl_c_keeps_the_finished_rows_and_exits_130(tmp_path, monkeypatch, cap
     assert metta(str(tmp_path / "photos"), "--out", str(out), *DUMMY) == 0
     summary = capsys.readouterr().out
     assert "5 embedded, 3 already present" in summary and "interrupted" not in summary
+
+
+def test_ctrl_c_of_a_server_run_says_so_too(tmp_path, monkeypatch, capsys) -> None:
+    """asyncio.run turns Ctrl-C into the cancellation of the --server run's task, then a KeyboardInterrupt."""
+    import signal
+
+    import service.bulk.remote
+
+    write_photos(tmp_path / "photos", 5)
+    real_run = service.bulk.remote.run_remote
+
+    async def interrupted(files, *args, **kwargs):
+        await real_run(files[:2], *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C: asyncio.run's handler cancels the main task
+        await asyncio.sleep(30)
+
+    monkeypatch.setattr(service.bulk.remote, "run_remote", interrupted)
+    out = tmp_path / "out.parquet"
+    with running_server() as (address, _, _):
+        assert metta(str(tmp_path / "photos"), "--out", str(out), "--server", url_of(address)) == 130
+    assert pq.read_table(out).num_rows == 2
+    assert capsys.readouterr().out.startswith("metta embed: interrupted (Ctrl-C) after 2 embedded")
 
 
 def test_npy_output_keeps_todays_behaviour(tmp_path, capsys) -> None:
