@@ -99,30 +99,39 @@ def raise_descriptor_limit(wanted: int) -> int:
     return limit
 
 
+def _read_framed(sock: socket.socket, data: bytes) -> tuple[int, dict[str, str], bytes, bytes, str]:
+    """One Content-Length framed reply after the bytes already read (`data`): (status, headers, body, the
+    bytes read past it, 'ok' | 'eof-before-reply' | 'eof-mid-reply'). Socket errors propagate."""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return 0, {}, data, b"", "eof-before-reply"
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    length = int(headers.get("content-length", 0))
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return status, headers, rest, b"", "eof-mid-reply"
+        rest += chunk
+    return status, headers, rest[:length], rest[length:], "ok"
+
+
 def read_reply(sock: socket.socket, timeout: float = 30.0) -> tuple[int, dict[str, str], bytes, str]:
     """One Content-Length framed reply; the last item says how the connection ended after it
     ('eof', 'reset', 'open') or what went wrong before it ('reset-before-reply', ...)."""
     sock.settimeout(timeout)
-    data = b""
     try:
-        while b"\r\n\r\n" not in data:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return 0, {}, data, "eof-before-reply"
-            data += chunk
-        head, _, body = data.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-        length = int(headers.get("content-length", 0))
-        while len(body) < length:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return int(lines[0].split()[1]), headers, body, "eof-mid-reply"
-            body += chunk
+        status, headers, body, _, outcome = _read_framed(sock, b"")
     except ConnectionResetError:
-        return 0, {}, data, "reset-before-reply"
+        return 0, {}, b"", "reset-before-reply"
     except TimeoutError:
-        return 0, {}, data, "timeout-before-reply"
+        return 0, {}, b"", "timeout-before-reply"
+    if outcome != "ok":
+        return status, headers, body, outcome
     try:
         sock.settimeout(5)
         ending = "eof" if not sock.recv(65536) else "more"
@@ -130,7 +139,23 @@ def read_reply(sock: socket.socket, timeout: float = 30.0) -> tuple[int, dict[st
         ending = "reset"
     except TimeoutError:
         ending = "open"
-    return int(lines[0].split()[1]), headers, body, ending
+    return status, headers, body, ending
+
+
+_buffers: dict[int, bytes] = {}
+
+
+def read_reply_keep(sock: socket.socket, timeout: float = 600.0) -> tuple[int, dict[str, str], bytes, str]:
+    """Like read_reply, for a connection that carries more replies: bytes past this reply are kept."""
+    sock.settimeout(timeout)
+    data = _buffers.pop(sock.fileno(), b"")
+    try:
+        status, headers, body, rest, outcome = _read_framed(sock, data)
+    except OSError as error:
+        return 0, {}, data, type(error).__name__
+    if outcome == "ok":
+        _buffers[sock.fileno()] = rest
+    return status, headers, body, outcome
 
 
 # ------------------------------------------------------------------------------------------ scenarios
@@ -332,32 +357,6 @@ def pipelining(log_dir: Path) -> dict[str, object]:
     return {"scenario": "pipelining", "runs": runs}
 
 
-_buffers: dict[int, bytes] = {}
-
-
-def read_reply_keep(sock: socket.socket, timeout: float = 600.0) -> tuple[int, dict[str, str], bytes, str]:
-    """Like read_reply, for a connection that carries more replies: bytes past this reply are kept."""
-    sock.settimeout(timeout)
-    data = _buffers.pop(sock.fileno(), b"")
-    try:
-        while b"\r\n\r\n" not in data:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return 0, {}, data, "eof-before-reply"
-            data += chunk
-        head, _, rest = data.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-        length = int(headers.get("content-length", 0))
-        while len(rest) < length:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return int(lines[0].split()[1]), headers, rest, "eof-mid-reply"
-            rest += chunk
-    except OSError as error:
-        return 0, {}, data, type(error).__name__
-    _buffers[sock.fileno()] = rest[length:]
-    return int(lines[0].split()[1]), headers, rest[:length], "ok"
 
 
 def never_reader(port: int, body: bytes) -> socket.socket:
