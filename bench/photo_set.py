@@ -10,7 +10,9 @@ signal-dependent). JPEGs are written as a camera does (quality 92, 4:2:0); every
 with an EXIF orientation tag that turns it upright, every fifth is converted to Display P3 and tagged with
 a Display P3 profile. `heic`, `avif` and `png` write the same upright sRGB picture in those formats;
 `screenshot` writes 3840×2160 PNG "screenshots" (the photo in a window among text and flat UI colours).
-File names say what each is: `NNNN[-rot6][-p3].jpg`.
+File names say what each is: `NNNN[-rot6][-p3].jpg`. `--plain` writes the sample photos only upscaled
+(`python -m bench.photo_set --out /tmp/plain --count 100 --plain`), the set the issue's reduced-decode goal
+names.
 """
 
 from __future__ import annotations
@@ -30,11 +32,17 @@ SCREEN = (3840, 2160)
 _WORDS = ("metta", "serve", "photo", "detail", "pixel", "sensor", "grain", "street", "window", "42", "2026", "f/1.8")
 
 
-def detailed_photo(source: Image.Image, seed: int) -> Image.Image:
-    """The source upscaled to 12 MP (landscape or portrait as it is) with fine detail added at full resolution."""
-    rng = np.random.default_rng(seed)
+def upscaled(source: Image.Image) -> Image.Image:
+    """The source upscaled to 12 MP (landscape or portrait as it is), bicubic, nothing added."""
     size = CAMERA if source.width >= source.height else CAMERA[::-1]
-    picture = source.convert("RGB").resize(size, Image.Resampling.BICUBIC)
+    return source.convert("RGB").resize(size, Image.Resampling.BICUBIC)
+
+
+def detailed_photo(source: Image.Image, seed: int) -> Image.Image:
+    """`upscaled`, with fine detail added at full resolution."""
+    rng = np.random.default_rng(seed)
+    picture = upscaled(source)
+    size = picture.size
     picture = picture.filter(ImageFilter.UnsharpMask(radius=3, percent=160, threshold=0))
     draw = ImageDraw.Draw(picture)
     width, height = size
@@ -137,13 +145,16 @@ def screenshot(picture: Image.Image, seed: int) -> Image.Image:
     return screen
 
 
-def write_set(out: Path, count: int, formats: list[str]) -> list[Path]:
+def write_set(out: Path, count: int, formats: list[str], *, plain: bool = False) -> list[Path]:
+    """`plain`: the sample photos only upscaled (no detail, no rotation, sRGB): the set on which the real-photos
+    issue states its reduced-decode goal."""
     out.mkdir(parents=True, exist_ok=True)
     pictures = photos(count)
     written = []
     for index, data in enumerate(pictures.images):
-        picture = detailed_photo(Image.open(io.BytesIO(data)), seed=index)
-        rotate, p3 = index % 4 == 1, index % 5 == 2
+        source = Image.open(io.BytesIO(data))
+        picture = upscaled(source) if plain else detailed_photo(source, seed=index)
+        rotate, p3 = (False, False) if plain else (index % 4 == 1, index % 5 == 2)
         for fmt in formats:
             if fmt == "jpeg":
                 path = out / f"{index:04d}{'-rot6' if rotate else ''}{'-p3' if p3 else ''}.jpg"
@@ -173,8 +184,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--count", type=int, default=40, help="sample photos to start from (at most 500)")
     parser.add_argument("--formats", default="jpeg", help="comma-separated: jpeg, heic, avif, png, screenshot")
+    parser.add_argument("--plain", action="store_true", help="only upscaled: no added detail, rotation or P3")
     args = parser.parse_args(argv)
-    written = write_set(args.out, args.count, args.formats.split(","))
+    written = write_set(args.out, args.count, args.formats.split(","), plain=args.plain)
     print(f"{len(written)} files in {args.out}")
 
 
