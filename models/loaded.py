@@ -31,13 +31,17 @@ COLOR_MODES = ("icc-srgb", "none")  # embedded ICC profiles converted to sRGB at
 # JPEGs decoded at the DCT-domain scale (1/2, 1/4, 1/8) their views allow (service.core.embedding's
 # decode_reduction), or always at full size. Close (cosine >= 0.999 on 12 MP photos), not identical.
 DECODE_SCALINGS = ("reduced", "full")
+# Bumped when the same options decode to other pixels, so a dataset written before is not resumed as if its rows
+# were comparable (2: a reduced decode is resampled along the full picture's geometry,
+# service.core.render.resize_reduced; before, sides that are not a multiple of its scale drifted).
+DECODE_REVISION = 2
 
 
 def fingerprint(weights_sha: str, spec: ModelSpec, dtype: str, mode: str, *, device_type: str = "cpu",
                 jpeg_decoder: str = "pillow", color: str = "icc-srgb", scaling: str = "reduced") -> str:
     """A short id, a pure function of everything that changes pixels or numerics: equal fingerprints mean
     comparable embeddings. Weights, preprocessing, dtype, engine, device type (kernels), the view renderer
-    (follows the device type), the JPEG decoder, the colour handling and the decode scaling."""
+    (follows the device type), the JPEG decoder, the colour handling, the decode scaling and its revision."""
     if jpeg_decoder not in JPEG_DECODERS:
         raise ModelError(f"unknown JPEG decoder {jpeg_decoder!r}; one of {', '.join(JPEG_DECODERS)}")
     if color not in COLOR_MODES:
@@ -48,7 +52,7 @@ def fingerprint(weights_sha: str, spec: ModelSpec, dtype: str, mode: str, *, dev
         {"weights": weights_sha, "preprocess": asdict(spec.preprocess), "dim": spec.dim,
          "dtype": dtype, "mode": mode, "device_type": device_type,
          "renderer": RENDERERS.get(device_type, CPU_RENDERER), "jpeg_decoder": jpeg_decoder, "color": color,
-         "scaling": scaling},
+         "scaling": scaling, "decode_revision": DECODE_REVISION},
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]

@@ -16,6 +16,7 @@ import contextlib
 import io
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, TypedDict
 
 import numpy as np
@@ -51,6 +52,20 @@ Image.MAX_IMAGE_PIXELS = None  # one cap, ours (see the module docstring)
 bmp_rle.install()  # run-length BMPs at a cost that follows the file, not the pixels
 
 
+@dataclass(frozen=True)
+class ReducedDecode:
+    """Where the pixels of a reduced decode lie on the full picture (upright): decoded pixel i of an axis covers
+    source pixels [d·i, d·i + d) for the denominator d, so d, not the ratio of the sizes, maps one onto the
+    other. libjpeg rounds a reduced size up, so a side that is not a multiple of d ends in a pixel that covers
+    fewer source pixels (the encoder's edge padding fills the rest); after an EXIF flip or turn that pixel may
+    be an axis's first instead of its last (`partial_first`, as (rows, columns))."""
+
+    height: int
+    width: int
+    denominator: int
+    partial_first: tuple[bool, bool] = (False, False)
+
+
 class OpenedImage:
     """An image opened from its header once: format, size and orientation known, its size checked against the
     caps, no pixel decoded yet. The service plans the views from `size`, charges `decoded_pixels` of the
@@ -82,6 +97,12 @@ class OpenedImage:
         if self.image.format != "JPEG":
             return 1
         return next((d for d in JPEG_REDUCTIONS if 1 / d >= min_scale), 1)
+
+    def reduced_decode(self, reduction: int) -> ReducedDecode | None:
+        """How `decode(reduction)`'s pixels lie on the upright picture; None for a whole decode."""
+        if reduction == 1:
+            return None
+        return ReducedDecode(self.height, self.width, reduction, _PARTIAL_FIRST[self.orientation])
 
     def decoded_pixels(self, reduction: int = 1) -> int:
         """What the pixel budget charges for a decode at `reduction`: the pixels it holds, weighted by the bytes
@@ -143,6 +164,10 @@ class OpenedImage:
 _UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
             5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
             8: Image.Transpose.ROTATE_90}
+# EXIF orientation → (rows, columns) of the upright picture whose first pixel is the stored picture's last
+# (the reduced decode's partial one): where `_UPRIGHT`'s transpose moves the stored last row and column.
+_PARTIAL_FIRST = {1: (False, False), 2: (False, True), 3: (True, True), 4: (True, False), 5: (False, False),
+                  6: (False, True), 7: (True, True), 8: (True, False)}
 # JPEG's DCT-domain scalings (libjpeg-turbo also has 3/8, 5/8, ..., Pillow's `draft` asks only for these).
 JPEG_REDUCTIONS = (8, 4, 2)
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from models import LoadedModel
-from service.core.decode import OpenedImage
+from service.core.decode import OpenedImage, ReducedDecode
 from service.core.options import PolicyError, check_seed, samples_for
 from service.core.policies import Policy, View, check_image, make_policy
 from service.core.reduce import RunningStats, l2_normalize
@@ -76,7 +76,7 @@ def decode_job(opened: OpenedImage, options: EmbedOptions, model: LoadedModel, r
                jpeg_device: torch.device | None = None, icc_to_srgb: bool = True) -> ImageJob:
     """Decode an opened image at `reduction` and plan its views on the full-size picture."""
     image = opened.decode(reduction, jpeg_device=jpeg_device, icc_to_srgb=icc_to_srgb)
-    return ImageJob(image, options, model, planned=(opened.height, opened.width))
+    return ImageJob(image, options, model, reduced=opened.reduced_decode(reduction))
 
 
 @dataclass
@@ -90,12 +90,12 @@ class ImageJob:
     """One image's planned views, how many have been handed out, and the statistics of those done."""
 
     def __init__(self, image: torch.Tensor, options: EmbedOptions, model: LoadedModel,
-                 planned: tuple[int, int] | None = None) -> None:
-        """`planned`: the (height, width) to plan the views on when `image` is a reduced decode of a larger
-        picture (`decode_reduction`); the views and the working copy are those of the full-size picture."""
+                 reduced: ReducedDecode | None = None) -> None:
+        """`reduced`: where `image`'s pixels lie on the full-size picture when it is a reduced decode of it
+        (`decode_reduction`); the views are planned on, and the working copy made of, the full-size picture."""
         check_image(image)
         self.options = options
-        height, width = planned or (int(image.shape[1]), int(image.shape[2]))
+        height, width = (reduced.height, reduced.width) if reduced else (int(image.shape[1]), int(image.shape[2]))
         self.views: list[View] = options.policy.plan(height, width, options.samples, options.seed,
                                                      model.spec.preprocess)
         self.handed_out = 0
@@ -103,7 +103,7 @@ class ImageJob:
         # The decoded image itself is not kept, only a working copy of the pixels its views read: downscaled
         # once when every view allows it, then cut to the bounding box of the views' boxes.
         working = image if model.device.type == "cuda" else pixel_interleaved(image)
-        small, small_views = shrink_for_views(working, self.views, model.spec.preprocess, (height, width))
+        small, small_views = shrink_for_views(working, self.views, model.spec.preprocess, reduced)
         self.source, self.render_views = crop_to_views(small, small_views)
         if model.device.type == "cuda" and self.source.device.type == "cpu":
             # One host→device copy per image (none when the JPEG was decoded there); views are made on the GPU.

@@ -9,6 +9,7 @@ resampling on the device (separable weight matrices). Normalisation is the model
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
 from models import Preprocess
+from service.core.decode import ReducedDecode
 from service.core.policies import View
 
 
@@ -52,11 +54,17 @@ def resize_box(image: torch.Tensor, view: View, preprocess: Preprocess) -> torch
     if image.device.type != "cpu" or image.stride(0) != 1:
         planar: torch.Tensor = TF.resize(box, [view.size, view.size], interpolation=mode, antialias=True)
         return planar
-    # A batch of one may have any batch stride; one past the whole box makes the strides read as channels-last.
-    batch = box.unsqueeze(0).as_strided((1, *box.shape), (box.stride(1) * box.shape[1], *box.stride()))
-    resized: torch.Tensor = F.interpolate(batch, size=[view.size, view.size], mode=mode.value, align_corners=False,
-                                          antialias=True)
+    resized: torch.Tensor = F.interpolate(_batch_of_one(box), size=[view.size, view.size], mode=mode.value,
+                                          align_corners=False, antialias=True)
     return resized[0]
+
+
+def _batch_of_one(image: torch.Tensor) -> torch.Tensor:
+    """(3, H, W) as a (1, 3, H, W) batch in its own layout. A batch of one may have any batch stride; one past
+    the whole image makes a pixel-interleaved one's strides read as channels-last."""
+    if image.stride(0) != 1:
+        return image.unsqueeze(0)
+    return image.unsqueeze(0).as_strided((1, *image.shape), (image.stride(1) * image.shape[1], *image.stride()))
 
 
 def flip_width(pixels: torch.Tensor) -> torch.Tensor:
@@ -74,7 +82,7 @@ def views_scale(views: Sequence[View]) -> float:
 
 
 def shrink_for_views(image: torch.Tensor, views: list[View], preprocess: Preprocess,
-                     planned: tuple[int, int] | None = None) -> tuple[torch.Tensor, list[View]]:
+                     reduced: ReducedDecode | None = None) -> tuple[torch.Tensor, list[View]]:
     """Downscale the image once so no view needs more than ~1 source pixel per output pixel.
 
     A 500×375 photo's center box (328 px) is resized to 224 px anyway; resizing the whole image
@@ -82,12 +90,12 @@ def shrink_for_views(image: torch.Tensor, views: list[View], preprocess: Preproc
     and for large photos it is most of the saving. Returns the working image and the views mapped
     onto it; images whose views all need full resolution come back unchanged.
 
-    `planned`: the (height, width) the views were planned on, when `image` is a reduced decode of it (a JPEG
-    decoded at 1/2, 1/4 or 1/8 scale): the working copy and the mapped views are the same size and boxes as
-    from the full decode, only resampled from fewer source pixels.
+    `reduced`: where `image`'s pixels lie on the picture the views were planned on, when it is a reduced decode
+    of it (a JPEG decoded at 1/2, 1/4 or 1/8 scale): the working copy and the mapped views are the same size
+    and boxes as from the full decode, resampled from fewer source pixels along the same geometry
+    (`resize_reduced`).
     """
-    height, width = planned or (int(image.shape[1]), int(image.shape[2]))
-    reduced = (height, width) != (int(image.shape[1]), int(image.shape[2]))
+    height, width = (reduced.height, reduced.width) if reduced else (int(image.shape[1]), int(image.shape[2]))
     factor = views_scale(views)
     if factor >= _SHRINK_WORTH_IT and not reduced:
         return image, views
@@ -97,7 +105,10 @@ def shrink_for_views(image: torch.Tensor, views: list[View], preprocess: Preproc
     new_short = max(1, round(short * factor))
     new_long = max(1, int(new_short * long / short))
     new_h, new_w = (new_short, new_long) if height <= width else (new_long, new_short)
-    small = TF.resize(image, [new_h, new_w], interpolation=_interpolation(preprocess), antialias=True)
+    if reduced is None:
+        small = TF.resize(image, [new_h, new_w], interpolation=_interpolation(preprocess), antialias=True)
+    else:
+        small = resize_reduced(image, (new_h, new_w), reduced, preprocess)
     sy, sx = new_h / height, new_w / width
     scale = new_short / short  # one scale for box sides keeps square boxes square
     mapped = []
@@ -112,7 +123,50 @@ def shrink_for_views(image: torch.Tensor, views: list[View], preprocess: Preproc
     return small, mapped
 
 
-_SHRINK_WORTH_IT = 0.9  # below 10% smaller, a second resampling is not worth its cost
+_SHRINK_WORTH_IT = 0.9
+
+def resize_reduced(image: torch.Tensor, size: tuple[int, int], reduced: ReducedDecode,
+                   preprocess: Preprocess) -> torch.Tensor:
+    """A reduced decode resized to `size`, the full picture's working copy, along the full picture's geometry.
+
+    Output pixel j of an axis of n pixels samples the full picture at (j + ½)·L/n, which is (j + ½)·L/(n·d) in
+    decoded pixels: torch's scale factor is n·d/L (output pixels per decoded pixel), not n over the decoded
+    size. The two differ where L is not a multiple of d (libjpeg rounds the decoded size up): resized by the
+    sizes, a 4021-px side decoded at 1/4 drifts by up to a quarter of an output pixel across the picture, and
+    the central crop of a 12 MP photo fell to cosine 0.997 of the full decode's embedding. An axis whose
+    partial pixel comes first is mirrored around the resize so that it is last (an antialiased resize commutes
+    with a mirror).
+    """
+    new_h, new_w = size
+    d = reduced.denominator
+    if tuple(image.shape[1:]) != (-(-reduced.height // d), -(-reduced.width // d)):
+        raise ValueError(f"a {tuple(image.shape[1:])} image is not a 1/{d} decode of {reduced.height}x{reduced.width}")
+    mirrored = [axis for axis, first in zip((1, 2), reduced.partial_first, strict=True) if first]
+    source = _mirror(image, mirrored)
+    scales = [_covering_scale(int(source.shape[1]), new_h, new_h * d / reduced.height),
+              _covering_scale(int(source.shape[2]), new_w, new_w * d / reduced.width)]
+    # A reduced decode is Pillow's, on the CPU: torch's uint8 antialiased resize, as `TF.resize` there.
+    resized = F.interpolate(_batch_of_one(source), scale_factor=scales, mode=_interpolation(preprocess).value,
+                            align_corners=False, antialias=True, recompute_scale_factor=False)[0]
+    return _mirror(resized[:, :new_h, :new_w], mirrored)
+
+
+def _covering_scale(decoded: int, wanted: int, scale: float) -> float:
+    """`scale`, raised by the last bits of a float where `decoded` × `scale` would fall short of `wanted` output
+    pixels in floating point (torch truncates that product to the output size; in exact arithmetic it is at
+    least `wanted`, as the decoded side covers the whole picture)."""
+    while math.floor(decoded * scale) < wanted:
+        scale = math.nextafter(scale, math.inf)
+    return scale
+
+
+def _mirror(pixels: torch.Tensor, axes: list[int]) -> torch.Tensor:
+    """(3, H, W) pixels mirrored along `axes` (1: rows, 2: columns), in their own layout (see `flip_width`)."""
+    if not axes:
+        return pixels
+    if pixels.stride(0) == 1:
+        return pixels.permute(1, 2, 0).flip([axis - 1 for axis in axes]).permute(2, 0, 1)
+    return pixels.flip(axes)  # below 10% smaller, a second resampling is not worth its cost
 
 
 def crop_to_views(image: torch.Tensor, views: list[View]) -> tuple[torch.Tensor, list[View]]:

@@ -69,3 +69,12 @@ def test_equal_fingerprints_embed_alike_and_different_set_ups_differ() -> None:
     for (fp_a, a), (fp_b, b) in itertools.combinations(runs, 2):
         if fp_a == fp_b:
             assert (a * b).sum(axis=1).min() >= 0.9999
+
+
+def test_a_change_of_the_decodes_pixels_changes_the_fingerprint(monkeypatch) -> None:
+    """Datasets written before the reduced decode's geometry was fixed are not resumed under the new one."""
+    from models import loaded
+
+    before = fingerprint("sha", SPEC, "float32", "eager")
+    monkeypatch.setattr(loaded, "DECODE_REVISION", loaded.DECODE_REVISION + 1)
+    assert fingerprint("sha", SPEC, "float32", "eager") != before
