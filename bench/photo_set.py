@@ -11,14 +11,15 @@ with an EXIF orientation tag that turns it upright, every fifth is converted to 
 a Display P3 profile. `heic`, `avif` and `png` write the same upright sRGB picture in those formats;
 `screenshot` writes 3840×2160 PNG "screenshots" (the photo in a window among text and flat UI colours).
 File names say what each is: `NNNN[-rot6][-p3].jpg`. `--plain` writes the sample photos only upscaled
-(`python -m bench.photo_set --out /tmp/plain --count 100 --plain`), the set the issue's reduced-decode goal
-names.
+(`python -m bench.photo_set --out /tmp/plain --count 500 --plain [--keep-aspect]`), the set the issue's
+reduced-decode goal names: stretched to 4032 × 3024, or at each photo's own aspect.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import math
 import struct
 from pathlib import Path
 
@@ -32,9 +33,14 @@ SCREEN = (3840, 2160)
 _WORDS = ("metta", "serve", "photo", "detail", "pixel", "sensor", "grain", "street", "window", "42", "2026", "f/1.8")
 
 
-def upscaled(source: Image.Image) -> Image.Image:
-    """The source upscaled to 12 MP (landscape or portrait as it is), bicubic, nothing added."""
-    size = CAMERA if source.width >= source.height else CAMERA[::-1]
+def upscaled(source: Image.Image, *, keep_aspect: bool = False) -> Image.Image:
+    """The source upscaled to 12 MP, bicubic, nothing added: to 4032 × 3024 (landscape or portrait as it is), or
+    with `keep_aspect` to as many pixels at its own aspect (sides that are rarely a multiple of 8)."""
+    if keep_aspect:
+        scale = math.sqrt(CAMERA[0] * CAMERA[1] / (source.width * source.height))
+        size = (round(source.width * scale), round(source.height * scale))
+    else:
+        size = CAMERA if source.width >= source.height else CAMERA[::-1]
     return source.convert("RGB").resize(size, Image.Resampling.BICUBIC)
 
 
@@ -74,19 +80,32 @@ def detailed_photo(source: Image.Image, seed: int) -> Image.Image:
 def display_p3_profile() -> bytes:
     """An ICC v2 matrix/TRC profile of Display P3 (P3 primaries, D65 white adapted to D50, the sRGB curve),
     written here so no profile file is needed."""
+    return matrix_profile(b"Display P3 (metta bench)", ((0.515102, 0.241196, -0.001053),
+                                                        (0.291965, 0.692245, 0.041885),
+                                                        (0.157153, 0.066561, 0.784100)))
+
+
+def srgb_profile() -> bytes:
+    """The same kind of profile for sRGB itself (its primaries adapted to D50), as cameras and editors embed
+    one: converting it to sRGB changes nothing beyond rounding."""
+    return matrix_profile(b"sRGB (metta bench)", ((0.436066, 0.222488, 0.013916), (0.385147, 0.716873, 0.097076),
+                                                  (0.143066, 0.060608, 0.714096)))
+
+
+def matrix_profile(name: bytes, colorants: tuple[tuple[float, float, float], ...]) -> bytes:
+    """An ICC v2 RGB matrix/TRC profile: the red, green and blue colorants (XYZ, D50) and the sRGB curve."""
     def s15(value: float) -> bytes:
         return struct.pack(">i", round(value * 65536))
 
     def xyz(x: float, y: float, z: float) -> bytes:
         return b"XYZ " + bytes(4) + s15(x) + s15(y) + s15(z)
 
-    name = b"Display P3 (metta bench)"
     desc = b"desc" + bytes(4) + struct.pack(">I", len(name) + 1) + name + b"\0" + bytes(4 + 4 + 2 + 1 + 67)
     curve = b"para" + bytes(4) + struct.pack(">HH", 3, 0) + b"".join(
         s15(v) for v in (2.4, 1 / 1.055, 0.055 / 1.055, 1 / 12.92, 0.04045))
+    red, green, blue = colorants
     tags = [(b"desc", desc), (b"wtpt", xyz(0.9642, 1.0, 0.8249)),
-            (b"rXYZ", xyz(0.515102, 0.241196, -0.001053)), (b"gXYZ", xyz(0.291965, 0.692245, 0.041885)),
-            (b"bXYZ", xyz(0.157153, 0.066561, 0.784100)),
+            (b"rXYZ", xyz(*red)), (b"gXYZ", xyz(*green)), (b"bXYZ", xyz(*blue)),
             (b"rTRC", curve), (b"gTRC", curve), (b"bTRC", curve), (b"cprt", b"text" + bytes(4) + b"none\0\0\0\0")]
     offset = 128 + 4 + 12 * len(tags)
     table, data = b"", b""
@@ -145,15 +164,16 @@ def screenshot(picture: Image.Image, seed: int) -> Image.Image:
     return screen
 
 
-def write_set(out: Path, count: int, formats: list[str], *, plain: bool = False) -> list[Path]:
+def write_set(out: Path, count: int, formats: list[str], *, plain: bool = False,
+              keep_aspect: bool = False) -> list[Path]:
     """`plain`: the sample photos only upscaled (no detail, no rotation, sRGB): the set on which the real-photos
-    issue states its reduced-decode goal."""
+    issue states its reduced-decode goal; `keep_aspect`: each at its own aspect (see `upscaled`)."""
     out.mkdir(parents=True, exist_ok=True)
     pictures = photos(count)
     written = []
     for index, data in enumerate(pictures.images):
         source = Image.open(io.BytesIO(data))
-        picture = upscaled(source) if plain else detailed_photo(source, seed=index)
+        picture = upscaled(source, keep_aspect=keep_aspect) if plain else detailed_photo(source, seed=index)
         rotate, p3 = (False, False) if plain else (index % 4 == 1, index % 5 == 2)
         for fmt in formats:
             if fmt == "jpeg":
@@ -185,8 +205,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--count", type=int, default=40, help="sample photos to start from (at most 500)")
     parser.add_argument("--formats", default="jpeg", help="comma-separated: jpeg, heic, avif, png, screenshot")
     parser.add_argument("--plain", action="store_true", help="only upscaled: no added detail, rotation or P3")
+    parser.add_argument("--keep-aspect", action="store_true",
+                        help="with --plain: 12 MP at each photo's own aspect instead of 4032 x 3024")
     args = parser.parse_args(argv)
-    written = write_set(args.out, args.count, args.formats.split(","), plain=args.plain)
+    if args.keep_aspect and not args.plain:
+        parser.error("--keep-aspect goes with --plain")
+    written = write_set(args.out, args.count, args.formats.split(","), plain=args.plain, keep_aspect=args.keep_aspect)
     print(f"{len(written)} files in {args.out}")
 
 

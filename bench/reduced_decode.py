@@ -4,8 +4,9 @@
     python -m bench.reduced_decode --files /tmp/photo-set [--margin 4]
 
 For every JPEG of the set (12 MP with fine detail): the embedding (efficientnet_lite0, seed 0) of the photo
-decoded whole and decoded at the reduction its views allow (`decode_reduction`), at the service's defaults
-(multiscale S=3, crop_flip S=10) and the central crop; the minimum cosine and the median time of decode +
+decoded whole and decoded at the reduction its views allow (`decode_reduction`, by the service's margins unless
+`--margin` sets one for all), at the service's defaults (multiscale S=3 for /v1/embeddings, crop_flip S=32 for
+/v1/classify), crop_flip S=10, two views and the central crop; the minimum cosine and the median time of decode +
 views + forward, and for the worst photo each view's own cosine (which views lose). Then the same photo as
 JPEG, HEIC, AVIF and PNG (where the set has them): the minimum cosine between any two of its formats, each
 decoded as the service does.
@@ -24,7 +25,6 @@ import numpy as np
 from models import LoadedModel, create_model
 from service.core.decode import SizeLimits, open_image
 from service.core.embedding import (
-    REDUCED_DECODE_MARGIN,
     EmbedOptions,
     ImageJob,
     decode_job,
@@ -45,13 +45,13 @@ def embedding(model: LoadedModel, job: ImageJob) -> np.ndarray:
 
 
 def embed_file(model: LoadedModel, data: bytes, options: EmbedOptions, *, reduced: bool,
-               margin: float = REDUCED_DECODE_MARGIN) -> np.ndarray:
+               margin: float | None = None) -> np.ndarray:
     opened = open_image(data, **LIMITS)
     reduction = decode_reduction(opened, options, model, margin=margin) if reduced else 1
     return embedding(model, decode_job(opened, options, model, reduction))
 
 
-def view_cosines(model: LoadedModel, data: bytes, options: EmbedOptions, margin: float) -> list[float]:
+def view_cosines(model: LoadedModel, data: bytes, options: EmbedOptions, margin: float | None) -> list[float]:
     """Each view's own embedding, full decode against reduced: which views lose."""
     per_view = []
     for reduced in (False, True):
@@ -68,12 +68,13 @@ def view_cosines(model: LoadedModel, data: bytes, options: EmbedOptions, margin:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--files", type=Path, required=True)
-    parser.add_argument("--margin", type=float, default=REDUCED_DECODE_MARGIN,
-                        help="source pixels a view keeps per output pixel (the service's REDUCED_DECODE_MARGIN)")
+    parser.add_argument("--margin", type=float, default=None,
+                        help="source pixels every view keeps per output pixel (default: the service's margins)")
     args = parser.parse_args(argv)
     model = create_model("efficientnet_lite0")
     jpegs = sorted(args.files.glob("*.jpg"))
-    for policy, samples in (("multiscale", 3), ("crop_flip", 10), ("center", 1)):
+    margin = "the service's margins" if args.margin is None else f"margin {args.margin:g}"
+    for policy, samples in (("multiscale", 3), ("crop_flip", 32), ("crop_flip", 10), ("multiscale", 2), ("center", 1)):
         options = EmbedOptions(samples, make_policy(policy), 0)
         cosines, full_s, reduced_s, reductions = [], [], [], []
         for path in jpegs:
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
             cosines.append(float(full @ reduced))
         worst = jpegs[int(np.argmin(cosines))]
         views = view_cosines(model, worst.read_bytes(), options, args.margin)
-        print(f"{policy} S={samples}, margin {args.margin:g}: {len(jpegs)} photos, "
+        print(f"{policy} S={samples}, {margin}: {len(jpegs)} photos, "
               f"reduction {sorted(set(reductions))}, "
               f"min cosine {min(cosines):.5f} (median {statistics.median(cosines):.5f}); decode+views+forward "
               f"{1000 * statistics.median(full_s):.0f} ms full, {1000 * statistics.median(reduced_s):.0f} ms reduced; "

@@ -33,7 +33,9 @@ COLOR_MODES = ("icc-srgb", "none")  # embedded ICC profiles converted to sRGB at
 DECODE_SCALINGS = ("reduced", "full")
 # Bumped when the same options decode to other pixels, so a dataset written before is not resumed as if its rows
 # were comparable (2: a reduced decode is resampled along the full picture's geometry,
-# service.core.render.resize_reduced; before, sides that are not a multiple of its scale drifted).
+# service.core.render.resize_reduced, where sides that are not a multiple of its scale drifted before; and it
+# keeps more source pixels per view, service.core.embedding's margins; sRGB ICC profiles are no longer applied,
+# which lcms did by rounding a few colours by one level, none of the sample photos').
 DECODE_REVISION = 2
 
 

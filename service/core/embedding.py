@@ -55,19 +55,26 @@ class EmbedOptions:
         check_seed(self.seed)
 
 
-# Every view keeps at least twice its output size in source pixels: the antialiased resize then does the final
-# filtering. JPEG's 1/8 decode is one DC value per block (a box filter): with no margin, 12 MP photos with fine
-# detail fell to cosine 0.9956 of the full decode (center), with this one 0.9985 at worst (median 0.9996); 4
-# reaches 0.999 for about a third more CPU per photo (docs/benchmarks.md).
-REDUCED_DECODE_MARGIN = 2.0
+# Source pixels a view keeps per output pixel of it at the reduced scale (see `views_scale`); the antialiased
+# resize then does the final filtering. The reduced path's pixels differ from the full decode's a little
+# (JPEG's 1/2–1/8 decode is close to a box average, and its own rounding to uint8 is resampled with it); the
+# mean of several views averages that out, one view keeps all of it. Measured on the sample photos upscaled to
+# 12 MP (docs/benchmarks.md): at 2 source pixels per output pixel the central crop alone fell to cosine 0.9984
+# of the full decode, at 2.5 and more no request of two or more views fell below 0.9993, and one view needs 4
+# for 0.9995. Raising either costs CPU wherever it moves a photo to the next finer scale (4× the pixels).
+REDUCED_DECODE_MARGIN = 2.5
+SINGLE_VIEW_MARGIN = 4.0
 
 
 def decode_reduction(opened: OpenedImage, options: EmbedOptions, model: LoadedModel, *,
-                     margin: float = REDUCED_DECODE_MARGIN) -> int:
+                     margin: float | None = None) -> int:
     """The reduced decode (1/1, 1/2, 1/4, 1/8 per side) an image's views allow: planned on its header's
     upright size, every view keeps at least `margin` times its output size in source pixels (see
-    `views_scale`; other margins only for `bench.reduced_decode`). The views of a larger S include those of a
-    smaller one (plans are prefix-stable), so an S not known yet may ask with its upper bound."""
+    `views_scale`; by default `REDUCED_DECODE_MARGIN`, or `SINGLE_VIEW_MARGIN` for one view; other margins only
+    for `bench.reduced_decode`). The views of a larger S include those of a smaller one (plans are
+    prefix-stable), so an S not known yet may ask with its upper bound."""
+    if margin is None:
+        margin = SINGLE_VIEW_MARGIN if options.samples == 1 else REDUCED_DECODE_MARGIN
     views = options.policy.plan(opened.height, opened.width, options.samples, options.seed, model.spec.preprocess)
     return opened.reduction(views_scale(views) * margin)
 

@@ -290,6 +290,21 @@ def test_an_icc_profile_is_applied_to_every_mode() -> None:
             assert _centred_cosine(decoded, expected) >= 0.999, (name, fmt)
 
 
+def test_an_srgb_profile_is_left_as_it_is_and_other_rgb_profiles_are_converted() -> None:
+    """Every 4th level of each channel, tagged with an sRGB profile of the kind cameras embed: the pixels as if it
+    were absent (lcms rounded a few hundred of these colours by one level, at 2.5 ms a sample photo); tagged
+    Display P3, still converted."""
+    from bench.photo_set import display_p3_profile, srgb_profile
+
+    levels = np.arange(0, 256, 4, dtype=np.uint8)
+    colours = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), axis=-1)
+    picture = Image.fromarray(colours.reshape(512, 512, 3))
+    plain = as_hwc(decode_image(encode(picture, "PNG"), **LIMITS))
+    assert np.array_equal(as_hwc(decode_image(encode(picture, "PNG", icc_profile=srgb_profile()), **LIMITS)), plain)
+    p3 = as_hwc(decode_image(encode(picture, "PNG", icc_profile=display_p3_profile()), **LIMITS))
+    assert np.abs(p3 - plain).max() > 20
+
+
 def test_transparency_is_composited_over_white_the_same_way_for_every_mode() -> None:
     """The same grey picture with the same transparent pixels, as L + tRNS key, RGB + tRNS key, P + tRNS, LA,
     RGBA and 16-bit grey + tRNS key: the same decoded pixels (on main the keys of L, RGB and I;16 were ignored)."""

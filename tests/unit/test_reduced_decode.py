@@ -36,22 +36,26 @@ def detailed(width: int, height: int, seed: int = 0) -> Image.Image:
 
 @pytest.fixture(scope="module")
 def large_jpeg() -> bytes:
-    return encode(detailed(3000, 2250), "JPEG", quality=92, subsampling="4:2:0")
+    return encode(detailed(4032, 3024), "JPEG", quality=92, subsampling="4:2:0")  # a 12 MP phone photo
 
 
 def options(policy: str, samples: int) -> EmbedOptions:
     return EmbedOptions(samples, make_policy(policy), seed=3)
 
 
-@pytest.mark.parametrize("policy, samples, reduction", [("multiscale", 3, 4), ("center", 1, 4), ("crop_flip", 10, 2),
+# The 224-px central view of a 3024-px side is cut from 2,646 px: at 1/4 it keeps 2.95 source pixels per output
+# pixel, enough for several views (REDUCED_DECODE_MARGIN 2.5), not for one alone (SINGLE_VIEW_MARGIN 4), which
+# is decoded at 1/2. crop_flip's smallest boxes need 1/2 as well.
+@pytest.mark.parametrize("policy, samples, reduction", [("multiscale", 3, 4), ("multiscale", 2, 4), ("center", 1, 2),
+                                                         ("multiscale", 1, 2), ("crop_flip", 10, 2),
                                                          ("crop_flip", 32, 2)])
 def test_a_large_jpeg_is_decoded_at_the_scale_its_views_need(large_jpeg: bytes, model, policy: str,
                                                               samples: int, reduction: int) -> None:
     opened = open_image(large_jpeg, **LIMITS)
-    assert opened.size == (3000, 2250)
+    assert opened.size == (4032, 3024)
     assert decode_reduction(opened, options(policy, samples), model) == reduction
     decoded = opened.decode(reduction)
-    assert tuple(decoded.shape) == (3, -(-2250 // reduction), -(-3000 // reduction))
+    assert tuple(decoded.shape) == (3, 3024 // reduction, 4032 // reduction)
     assert opened.decoded_pixels(reduction) == decoded.shape[1] * decoded.shape[2]  # what the budget charges
 
 
@@ -79,9 +83,9 @@ def test_an_exif_rotated_jpeg_is_planned_upright_and_decoded_upright_at_a_reduce
     opened = open_image(data, **LIMITS)
     assert opened.stored == (3000, 2250) and opened.size == (2250, 3000)
     reduction = decode_reduction(opened, options("multiscale", 3), model)
-    assert reduction == 4
+    assert reduction == 2  # 1/4 would keep 2.2 source pixels per output pixel of the central view
     decoded = opened.decode(reduction)
-    assert tuple(decoded.shape) == (3, 750, 563)
+    assert tuple(decoded.shape) == (3, 1500, 1125)
     plain = open_image(encode(upright, "JPEG", quality=92), **LIMITS).decode(reduction)
     assert (decoded.to(torch.float32) - plain.to(torch.float32)).abs().mean() < 4.0
 
