@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -54,18 +55,27 @@ def bodies(files: list[Path]) -> list[bytes]:
             for i, path in enumerate(files)]
 
 
-def embed_run(tree: Path, folder: Path, out: Path, workers: int) -> float:
-    """`metta embed FOLDER` with `tree`'s code: images per second, wall to wall (the model load included)."""
+def embed_run(tree: Path, folder: Path, out: Path, workers: int) -> tuple[float, float]:
+    """`metta embed FOLDER` with `tree`'s code: images per second, wall to wall (the model load included), and
+    the peak resident memory in MB of its largest process (the kernel's `ru_maxrss` of the run, from wait4)."""
     if out.exists():
         shutil.rmtree(out)
     command = [sys.executable, "-c", "from service.cli import main; main()", "embed", str(folder), "--out", str(out),
                "--workers", str(workers)]
     env = {**os.environ, "PYTHONPATH": str(tree)}
     started = time.perf_counter()
-    subprocess.run(command, cwd=tree, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                   timeout=1800)
+    process = subprocess.Popen(command, cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = threading.Timer(1800, process.kill)
+    deadline.start()
+    try:
+        _, status, usage = os.wait4(process.pid, 0)
+    finally:
+        deadline.cancel()
     elapsed = time.perf_counter() - started
-    return len(list(folder.iterdir())) / elapsed
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise subprocess.CalledProcessError(process.returncode, command)
+    return len(list(folder.iterdir())) / elapsed, usage.ru_maxrss / 1024
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -124,8 +134,9 @@ def main(argv: list[str] | None = None) -> None:
                 os.link(source, folder / f"{index:05d}{source.suffix}")
             for repeat in range(args.repeats):
                 for name, tree in trees.items():
-                    rate = embed_run(tree, folder, log_dir / f"embed-{name}.parquet", workers=args.threads)
-                    row = {"tree": name, "endpoint": "metta embed", "repeat": repeat, "images_per_s": rate}
+                    rate, peak_mb = embed_run(tree, folder, log_dir / f"embed-{name}.parquet", workers=args.threads)
+                    row = {"tree": name, "endpoint": "metta embed", "repeat": repeat, "images_per_s": rate,
+                           "peak_rss_mb": peak_mb}
                     results["runs"].append(row)
                     print(json.dumps(row), flush=True)
     summary = {}
@@ -137,6 +148,12 @@ def main(argv: list[str] | None = None) -> None:
             summary[endpoint] = {**rates, "ratio": rates["this"] / rates["baseline"]}
             print(f"{endpoint}: this {rates['this']:.2f} img/s, baseline {rates['baseline']:.2f} img/s, "
                   f"ratio {rates['this'] / rates['baseline']:.2f}", flush=True)
+    peaks = {name: max(r["peak_rss_mb"] for r in results["runs"] if r["tree"] == name and "peak_rss_mb" in r)
+             for name in trees if any("peak_rss_mb" in r for r in results["runs"])}
+    if peaks:
+        summary["metta embed"]["peak_rss_mb"] = peaks
+        print(f"metta embed peak RSS of its largest process: this {peaks['this']:.0f} MB, "
+              f"baseline {peaks['baseline']:.0f} MB", flush=True)
     if r_crops and "/v1/embeddings" in summary:  # the goal's other yardstick: R/3 images/s (S=3 views an image)
         summary["/v1/embeddings"]["this_over_R_3"] = summary["/v1/embeddings"]["this"] / (r_crops / 3)
         print(f"/v1/embeddings: this / (R/3) = {summary['/v1/embeddings']['this_over_R_3']:.2f}", flush=True)
