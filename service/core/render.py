@@ -123,7 +123,8 @@ def shrink_for_views(image: torch.Tensor, views: list[View], preprocess: Preproc
     return small, mapped
 
 
-_SHRINK_WORTH_IT = 0.9
+_SHRINK_WORTH_IT = 0.9  # below 10% smaller, a second resampling is not worth its cost
+
 
 def resize_reduced(image: torch.Tensor, size: tuple[int, int], reduced: ReducedDecode,
                    preprocess: Preprocess) -> torch.Tensor:
@@ -166,7 +167,7 @@ def _mirror(pixels: torch.Tensor, axes: list[int]) -> torch.Tensor:
         return pixels
     if pixels.stride(0) == 1:
         return pixels.permute(1, 2, 0).flip([axis - 1 for axis in axes]).permute(2, 0, 1)
-    return pixels.flip(axes)  # below 10% smaller, a second resampling is not worth its cost
+    return pixels.flip(axes)
 
 
 def crop_to_views(image: torch.Tensor, views: list[View]) -> tuple[torch.Tensor, list[View]]:

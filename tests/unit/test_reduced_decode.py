@@ -4,6 +4,7 @@ views keep the full picture's geometry, and their pixels stay close to the full 
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 import pytest
@@ -142,3 +143,17 @@ def test_a_reduced_decode_keeps_the_geometry_when_a_side_is_not_a_multiple_of_th
         difference = reduced.source.to(torch.float32) - full.source.to(torch.float32)
         assert float(difference.square().mean().sqrt()) < 1.0, (policy, orientation)
 
+
+
+def test_the_scale_factor_of_a_reduced_resize_always_covers_the_working_copy() -> None:
+    """torch takes the output size as floor(decoded × scale): where that product lands a hair under n in floating
+    point (a side that is a multiple of the scale), the scale is raised by its last bits, never by more."""
+    from service.core.render import _covering_scale
+
+    for side in range(2000, 3100):
+        for d in (2, 4, 8):
+            for wanted in (112, 224, 256, 341):
+                exact = wanted * d / side
+                scale = _covering_scale(-(-side // d), wanted, exact)
+                assert int(-(-side // d) * scale) >= wanted
+                assert scale - exact <= 4 * math.ulp(exact)
