@@ -60,7 +60,7 @@ class EmbedOptions:
 # (JPEG's 1/2–1/8 decode is close to a box average, and its own rounding to uint8 is resampled with it); the
 # mean of several views averages that out, one view keeps all of it. Measured on the sample photos upscaled to
 # 12 MP (docs/benchmarks.md): at 2 source pixels per output pixel the central crop alone fell to cosine 0.9984
-# of the full decode; with these margins no photo fell below 0.9991 under any policy (one view: 0.9996).
+# of the full decode; with these margins no photo fell below 0.9990 under any policy (one view: 0.9996).
 # Raising either costs CPU wherever it moves a photo to the next finer scale (4× the pixels).
 REDUCED_DECODE_MARGIN = 2.5
 SINGLE_VIEW_MARGIN = 4.0
