@@ -102,7 +102,10 @@ class OpenedImage:
         """How `decode(reduction)`'s pixels lie on the upright picture; None for a whole decode."""
         if reduction == 1:
             return None
-        return ReducedDecode(self.height, self.width, reduction, _PARTIAL_FIRST[self.orientation])
+        rows_first, columns_first = _PARTIAL_FIRST[self.orientation]
+        # Only a side that is not a multiple of the scale has a partial pixel to put last.
+        partial_first = (rows_first and self.height % reduction != 0, columns_first and self.width % reduction != 0)
+        return ReducedDecode(self.height, self.width, reduction, partial_first)
 
     def decoded_pixels(self, reduction: int = 1) -> int:
         """What the pixel budget charges for a decode at `reduction`: the pixels it holds, weighted by the bytes
