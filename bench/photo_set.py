@@ -12,7 +12,8 @@ a Display P3 profile. `heic`, `avif` and `png` write the same upright sRGB pictu
 `screenshot` writes 3840×2160 PNG "screenshots" (the photo in a window among text and flat UI colours).
 File names say what each is: `NNNN[-rot6][-p3].jpg`. `--plain` writes the sample photos only upscaled
 (`python -m bench.photo_set --out /tmp/plain --count 500 --plain [--keep-aspect]`), the set the issue's
-reduced-decode goal names: stretched to 4032 × 3024, or at each photo's own aspect.
+reduced-decode goal names: stretched to 4032 × 3024, or at each photo's own aspect; `--short-side 2048 --step
+10` makes every tenth at that shorter side (on the reduced decode's margin boundary at 1/4).
 """
 
 from __future__ import annotations
@@ -33,11 +34,13 @@ SCREEN = (3840, 2160)
 _WORDS = ("metta", "serve", "photo", "detail", "pixel", "sensor", "grain", "street", "window", "42", "2026", "f/1.8")
 
 
-def upscaled(source: Image.Image, *, keep_aspect: bool = False) -> Image.Image:
-    """The source upscaled to 12 MP, bicubic, nothing added: to 4032 × 3024 (landscape or portrait as it is), or
-    with `keep_aspect` to as many pixels at its own aspect (sides that are rarely a multiple of 8)."""
-    if keep_aspect:
-        scale = math.sqrt(CAMERA[0] * CAMERA[1] / (source.width * source.height))
+def upscaled(source: Image.Image, *, keep_aspect: bool = False, short_side: int | None = None) -> Image.Image:
+    """The source upscaled, bicubic, nothing added: to 4032 × 3024 (landscape or portrait as it is); with
+    `keep_aspect` to as many pixels at its own aspect (sides that are rarely a multiple of 8); with `short_side`
+    at its own aspect to that shorter side (to put the views' source pixels on a reduced-decode margin)."""
+    if keep_aspect or short_side:
+        scale = (short_side / min(source.size) if short_side
+                 else math.sqrt(CAMERA[0] * CAMERA[1] / (source.width * source.height)))
         size = (round(source.width * scale), round(source.height * scale))
     else:
         size = CAMERA if source.width >= source.height else CAMERA[::-1]
@@ -164,16 +167,18 @@ def screenshot(picture: Image.Image, seed: int) -> Image.Image:
     return screen
 
 
-def write_set(out: Path, count: int, formats: list[str], *, plain: bool = False,
-              keep_aspect: bool = False) -> list[Path]:
+def write_set(out: Path, count: int, formats: list[str], *, plain: bool = False, keep_aspect: bool = False,
+              short_side: int | None = None, step: int = 1) -> list[Path]:
     """`plain`: the sample photos only upscaled (no detail, no rotation, sRGB): the set on which the real-photos
-    issue states its reduced-decode goal; `keep_aspect`: each at its own aspect (see `upscaled`)."""
+    issue states its reduced-decode goal; `keep_aspect`, `short_side`: see `upscaled`; `step`: every step-th
+    sample photo (the file keeps its index in the sample folder)."""
     out.mkdir(parents=True, exist_ok=True)
-    pictures = photos(count)
+    pictures = photos(count * step)
     written = []
-    for index, data in enumerate(pictures.images):
+    for index, data in list(enumerate(pictures.images))[::step]:
         source = Image.open(io.BytesIO(data))
-        picture = upscaled(source, keep_aspect=keep_aspect) if plain else detailed_photo(source, seed=index)
+        picture = (upscaled(source, keep_aspect=keep_aspect, short_side=short_side) if plain
+                   else detailed_photo(source, seed=index))
         rotate, p3 = (False, False) if plain else (index % 4 == 1, index % 5 == 2)
         for fmt in formats:
             if fmt == "jpeg":
@@ -207,10 +212,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plain", action="store_true", help="only upscaled: no added detail, rotation or P3")
     parser.add_argument("--keep-aspect", action="store_true",
                         help="with --plain: 12 MP at each photo's own aspect instead of 4032 x 3024")
+    parser.add_argument("--short-side", type=int, help="with --plain: this shorter side at each photo's own aspect")
+    parser.add_argument("--step", type=int, default=1, help="every step-th sample photo (--count of them)")
     args = parser.parse_args(argv)
-    if args.keep_aspect and not args.plain:
-        parser.error("--keep-aspect goes with --plain")
-    written = write_set(args.out, args.count, args.formats.split(","), plain=args.plain, keep_aspect=args.keep_aspect)
+    if (args.keep_aspect or args.short_side) and not args.plain:
+        parser.error("--keep-aspect and --short-side go with --plain")
+    written = write_set(args.out, args.count, args.formats.split(","), plain=args.plain, keep_aspect=args.keep_aspect,
+                        short_side=args.short_side, step=args.step)
     print(f"{len(written)} files in {args.out}")
 
 

@@ -110,7 +110,7 @@ async def _decode_all(state: ServiceState, images: list[bytes], options: EmbedOp
         decoded = image.decode(reduction, jpeg_device=state.jpeg_device, icc_to_srgb=settings.icc_to_srgb,
                                isolation=pool.isolation)
         state.metrics.decode_duration.observe(time.perf_counter() - started)
-        return ImageJob(decoded, options, model, reduced=image.reduced_decode(reduction))
+        return ImageJob(decoded, options, model, reduced=image.reduced_geometry(reduction))
 
     async def one(data: bytes, index: int) -> ImageJob:
         async with slots:

@@ -145,7 +145,7 @@ def _wide_to_grey(image: Image.Image, key: int | None) -> tuple[Image.Image, Ima
 
 def _to_srgb(colour: Image.Image, icc: bytes) -> Image.Image:
     """Colours in the profile's space → sRGB; untouched when the profile is for another space than the
-    colours' mode, or when lcms cannot read or apply it."""
+    colours' mode, when it is sRGB already (`_moves_no_colour`), or when lcms cannot read or apply it."""
     try:
         transform = _transform_for(icc, colour.mode)
         if transform is None:
@@ -217,7 +217,7 @@ _GRID = np.stack(np.meshgrid(_GRID_LEVELS, _GRID_LEVELS, _GRID_LEVELS, indexing=
 
 def _moves_no_colour(transform: ImageCms.ImageCmsTransform) -> bool:
     """Whether an RGB → sRGB transform changes no colour of a grid over the RGB cube by more than one level: an
-    sRGB profile (a quarter of the sample photos carry one; lcms moves about 0.2 % of colours by one level
+    sRGB profile (a fifth of the sample photos carry one; lcms moves about 0.2 % of colours by one level
     through it). Profiles of other spaces move most colours by tens of levels."""
     moved = np.asarray(ImageCms.applyTransform(Image.fromarray(_GRID), transform), dtype=np.int16) - _GRID
     return int(np.abs(moved).max()) <= 1

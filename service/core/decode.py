@@ -53,7 +53,7 @@ bmp_rle.install()  # run-length BMPs at a cost that follows the file, not the pi
 
 
 @dataclass(frozen=True)
-class ReducedDecode:
+class ReducedGeometry:
     """Where the pixels of a reduced decode lie on the full picture (upright): decoded pixel i of an axis covers
     source pixels [d·i, d·i + d) for the denominator d, so d, not the ratio of the sizes, maps one onto the
     other. libjpeg rounds a reduced size up, so a side that is not a multiple of d ends in a pixel that covers
@@ -98,14 +98,14 @@ class OpenedImage:
             return 1
         return next((d for d in JPEG_REDUCTIONS if 1 / d >= min_scale), 1)
 
-    def reduced_decode(self, reduction: int) -> ReducedDecode | None:
+    def reduced_geometry(self, reduction: int) -> ReducedGeometry | None:
         """How `decode(reduction)`'s pixels lie on the upright picture; None for a whole decode."""
         if reduction == 1:
             return None
         rows_first, columns_first = _PARTIAL_FIRST[self.orientation]
         # Only a side that is not a multiple of the scale has a partial pixel to put last.
         partial_first = (rows_first and self.height % reduction != 0, columns_first and self.width % reduction != 0)
-        return ReducedDecode(self.height, self.width, reduction, partial_first)
+        return ReducedGeometry(self.height, self.width, reduction, partial_first)
 
     def decoded_pixels(self, reduction: int = 1) -> int:
         """What the pixel budget charges for a decode at `reduction`: the pixels it holds, weighted by the bytes

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from models import LoadedModel
-from service.core.decode import OpenedImage, ReducedDecode
+from service.core.decode import OpenedImage, ReducedGeometry
 from service.core.options import PolicyError, check_seed, samples_for
 from service.core.policies import Policy, View, check_image, make_policy
 from service.core.reduce import RunningStats, l2_normalize
@@ -83,7 +83,7 @@ def decode_job(opened: OpenedImage, options: EmbedOptions, model: LoadedModel, r
                jpeg_device: torch.device | None = None, icc_to_srgb: bool = True) -> ImageJob:
     """Decode an opened image at `reduction` and plan its views on the full-size picture."""
     image = opened.decode(reduction, jpeg_device=jpeg_device, icc_to_srgb=icc_to_srgb)
-    return ImageJob(image, options, model, reduced=opened.reduced_decode(reduction))
+    return ImageJob(image, options, model, reduced=opened.reduced_geometry(reduction))
 
 
 @dataclass
@@ -97,7 +97,7 @@ class ImageJob:
     """One image's planned views, how many have been handed out, and the statistics of those done."""
 
     def __init__(self, image: torch.Tensor, options: EmbedOptions, model: LoadedModel,
-                 reduced: ReducedDecode | None = None) -> None:
+                 reduced: ReducedGeometry | None = None) -> None:
         """`reduced`: where `image`'s pixels lie on the full-size picture when it is a reduced decode of it
         (`decode_reduction`); the views are planned on, and the working copy made of, the full-size picture."""
         check_image(image)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
 from models import Preprocess
-from service.core.decode import ReducedDecode
+from service.core.decode import ReducedGeometry
 from service.core.policies import View
 
 
@@ -82,7 +82,7 @@ def views_scale(views: Sequence[View]) -> float:
 
 
 def shrink_for_views(image: torch.Tensor, views: list[View], preprocess: Preprocess,
-                     reduced: ReducedDecode | None = None) -> tuple[torch.Tensor, list[View]]:
+                     reduced: ReducedGeometry | None = None) -> tuple[torch.Tensor, list[View]]:
     """Downscale the image once so no view needs more than ~1 source pixel per output pixel.
 
     A 500×375 photo's center box (328 px) is resized to 224 px anyway; resizing the whole image
@@ -126,7 +126,7 @@ def shrink_for_views(image: torch.Tensor, views: list[View], preprocess: Preproc
 _SHRINK_WORTH_IT = 0.9  # below 10% smaller, a second resampling is not worth its cost
 
 
-def resize_reduced(image: torch.Tensor, size: tuple[int, int], reduced: ReducedDecode,
+def resize_reduced(image: torch.Tensor, size: tuple[int, int], reduced: ReducedGeometry,
                    preprocess: Preprocess) -> torch.Tensor:
     """A reduced decode resized to `size`, the full picture's working copy, along the full picture's geometry.
 

@@ -305,6 +305,30 @@ def test_an_srgb_profile_is_left_as_it_is_and_other_rgb_profiles_are_converted()
     assert np.abs(p3 - plain).max() > 20
 
 
+def test_the_sample_photos_sRGB_profiles_are_skipped_without_changing_a_pixel(sample_dir: Path) -> None:
+    """Real cameras' and editors' sRGB profiles (about a fifth of the sample photos) are recognised as sRGB, and
+    applying them would have changed no pixel of those photos; their Adobe RGB and camera profiles still apply."""
+    from service.core import colour
+
+    skipped = applied = 0
+    for path in sorted(sample_dir.glob("*.JPEG")):
+        with Image.open(path) as image:
+            icc = image.info.get("icc_profile")
+            if not icc or image.mode != "RGB":
+                continue
+            if colour._build_transform(icc, "RGB") is not None:
+                applied += 1
+                continue
+            skipped += 1
+            image.load()
+            profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            transform = ImageCms.buildTransform(profile, ImageCms.createProfile("sRGB"), "RGB", "RGB",
+                                                renderingIntent=ImageCms.Intent.RELATIVE_COLORIMETRIC)
+            converted = ImageCms.applyTransform(image, transform)
+            assert np.array_equal(np.asarray(converted), np.asarray(image)), path.name
+    assert skipped >= 50 and applied >= 10, (skipped, applied)
+
+
 def test_transparency_is_composited_over_white_the_same_way_for_every_mode() -> None:
     """The same grey picture with the same transparent pixels, as L + tRNS key, RGB + tRNS key, P + tRNS, LA,
     RGBA and 16-bit grey + tRNS key: the same decoded pixels (on main the keys of L, RGB and I;16 were ignored)."""
